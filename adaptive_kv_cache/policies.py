@@ -1,0 +1,178 @@
+"""FastGen's basic policies and their unions.
+
+A policy is a small dataclass with a pure function from per-token statistics to a keep mask. The same
+function serves profiling (statistics of the whole prompt, n = L) and decoding (statistics of the tokens a
+head still holds, n = current length). Hybrids are unions of basic policies.
+
+All tensors are batched over leading dimensions: one row per (sequence, KV head) segment, S token slots.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class TokenStats:
+    """What a (sequence, KV head) knows about the tokens it holds.
+
+    Attributes:
+        valid: (..., S) bool, slot holds a token.
+        pos: (..., S) long, absolute position j of each token.
+        special: (..., S) bool, token is special (control token or part of a chat marker).
+        punct: (..., S) bool, token is punctuation.
+        score: (..., S) float, attention the token has received so far, summed over queries (for GQA,
+            aggregated over the query group).
+        n: (..., 1) long, tokens seen so far (current length); queries that could see token j: n - j.
+        prompt_len: (..., 1) long, prompt length L, which fixes the local window.
+    """
+
+    valid: torch.Tensor
+    pos: torch.Tensor
+    special: torch.Tensor
+    punct: torch.Tensor
+    score: torch.Tensor
+    n: torch.Tensor
+    prompt_len: torch.Tensor
+
+    def normalised_score(self) -> torch.Tensor:
+        """(..., S) accumulated attention divided by the number of queries that could see each token."""
+        return self.score / (self.n - self.pos).clamp(min=1)
+
+
+def ceil_ratio(ratio: float, n: torch.Tensor) -> torch.Tensor:
+    """ceil(ratio * n) as long, in float64 with a tolerance so that e.g. 0.3 * 10 gives 3, not 4."""
+    return torch.ceil(n.double() * ratio - 1e-9).long()
+
+
+@dataclass(frozen=True)
+class Special:
+    name = "special"
+    windowed = False
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        return s.valid & s.special
+
+
+@dataclass(frozen=True)
+class Punct:
+    name = "punct"
+    windowed = False
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        return s.valid & s.punct
+
+
+@dataclass(frozen=True)
+class Local:
+    """The most recent W = ceil(r_l * L) tokens; the window is fixed by the prompt length L."""
+
+    r_l: float
+    name = "local"
+    windowed = True
+
+    def __post_init__(self):
+        if not 0.0 < self.r_l <= 1.0:
+            raise ValueError(f"r_l={self.r_l} is outside the allowed range (0, 1]")
+
+    def window(self, prompt_len: torch.Tensor) -> torch.Tensor:
+        return ceil_ratio(self.r_l, prompt_len)
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        return s.valid & ((s.n - 1 - s.pos) < self.window(s.prompt_len))
+
+
+@dataclass(frozen=True)
+class Frequent:
+    """The top ceil(r_f * n) tokens by normalised accumulated attention."""
+
+    r_f: float
+    name = "frequent"
+    windowed = False
+
+    def __post_init__(self):
+        if not 0.0 < self.r_f <= 1.0:
+            raise ValueError(f"r_f={self.r_f} is outside the allowed range (0, 1]")
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        budget = ceil_ratio(self.r_f, s.n)  # (..., 1)
+        score = s.normalised_score().masked_fill(~s.valid, float("-inf"))
+        # rank of each slot in descending score order; ties broken towards the older slot
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order))
+        return s.valid & (rank < budget)
+
+
+@dataclass(frozen=True)
+class Full:
+    name = "full"
+    windowed = False
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        return s.valid
+
+
+#: Basic policies by name; each factory takes the FastGen config.
+POLICIES: Dict[str, object] = {
+    "special": lambda cfg: Special(),
+    "punct": lambda cfg: Punct(),
+    "local": lambda cfg: Local(cfg.r_l),
+    "frequent": lambda cfg: Frequent(cfg.r_f),
+    "full": lambda cfg: Full(),
+}
+BASIC_ORDER: Tuple[str, ...] = tuple(POLICIES)
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """A union of basic policies: keeps a token when any member keeps it."""
+
+    members: tuple
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.members)
+
+    def keep(self, s: TokenStats) -> torch.Tensor:
+        mask = torch.zeros_like(s.valid)
+        for m in self.members:
+            mask = mask | m.keep(s)
+        return mask
+
+    def flags(self) -> torch.Tensor:
+        """(len(BASIC_ORDER),) bool membership vector over the basic policies."""
+        names = {m.name for m in self.members}
+        return torch.tensor([n in names for n in BASIC_ORDER])
+
+
+def build_candidates(config) -> Tuple[Hybrid, ...]:
+    """The config's candidate list as Hybrids, cheapest first."""
+    return tuple(Hybrid(tuple(POLICIES[n](config) for n in cand)) for cand in config.candidates)
+
+
+def basic_policies(config) -> Tuple[object, ...]:
+    """One instance of each basic policy, in BASIC_ORDER."""
+    return tuple(POLICIES[n](config) for n in BASIC_ORDER)
+
+
+def union_keep(flags: torch.Tensor, basics: Sequence[object], s: TokenStats) -> torch.Tensor:
+    """Keep masks of many segments whose hybrids differ, without a loop over segments.
+
+    Args:
+        flags: (..., len(basics)) bool, which basic policies each segment's hybrid contains.
+        basics: the basic policies, in the order of the flags' last dimension.
+        s: statistics with leading dims (...).
+
+    Returns:
+        torch.Tensor: (..., S) bool keep mask.
+    """
+    mask = torch.zeros_like(s.valid)
+    for k, policy in enumerate(basics):
+        member = flags[..., k : k + 1]
+        if bool(member.any()):
+            mask = mask | (member & policy.keep(s))
+    return mask
+
+

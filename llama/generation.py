@@ -1,0 +1,480 @@
+# A hand-written fork in the shape of Meta's Llama 2 llama/generation.py, with a pluggable KV cache.
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, TypedDict
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+    initialize_model_parallel,
+    model_parallel_is_initialized,
+)
+
+from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for, validate_dialog
+from llama.kv_cache import DenseKVCache
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import load_tokenizer
+
+__all__ = ["Llama", "Dialog", "Message", "CompletionPrediction", "ChatPrediction", "load_params"]
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+PARAM_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+              "norm_eps", "rope_theta"}
+
+
+def load_params(ckpt_dir: Path) -> dict:
+    """Reads and checks `params.json` (the model's hyper-parameters) from a checkpoint directory."""
+    path = Path(ckpt_dir) / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a native checkpoint directory holds params.json next to consolidated.NN.pth "
+            f"(convert other formats with scripts/convert_llama2c.py or scripts/convert_gguf.py)"
+        )
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or "
+                         f"regenerate it") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object of model hyper-parameters, got {type(params).__name__}")
+    unknown = set(params) - PARAM_KEYS
+    missing = {"dim", "n_layers", "n_heads"} - set(params)
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: " + "; ".join(
+                ([f"unknown keys {sorted(unknown)}"] if unknown else [])
+                + ([f"missing keys {sorted(missing)}"] if missing else [])
+            ) + f" (allowed keys: {sorted(PARAM_KEYS)})"
+        )
+    return params
+
+
+def _init_distributed() -> None:
+    """Joins the torchrun process group, or makes a one-process group when run without torchrun."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        # Plain `python` (tests, notebooks): a single-rank group on a free local port.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        kv_config=None,
+        device: Optional[str] = None,
+    ) -> "Llama":
+        """
+        Build a Llama instance by initializing and loading a model checkpoint.
+
+        Args:
+            ckpt_dir (str): Path to the directory containing checkpoint files.
+            tokenizer_path (str): Path to the tokenizer file.
+            max_seq_len (int): Maximum sequence length for input text.
+            max_batch_size (int): Maximum batch size for inference.
+            model_parallel_size (Optional[int], optional): Number of model parallel processes.
+                If not provided, it's determined from the environment. Defaults to None.
+            seed (int): random seed, the same on every rank.
+            kv_config: FastGen KV-cache compression: None (uncompressed), a FastGenConfig, a dict of
+                overrides of the shipped configs/config.json, or a path to a config JSON file.
+            device: 'cuda' or 'cpu'; default CUDA when available.
+
+        Returns:
+            Llama: An instance of the Llama class with the loaded model and tokenizer.
+        """
+        # Settings first: a bad config must fail before any model work.
+        from adaptive_kv_cache.config import resolve_kv_config
+
+        kv_config = resolve_kv_config(kv_config)
+        ckpt = Path(ckpt_dir)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint directory {ckpt_dir} not found; pass --ckpt_dir pointing at a folder with "
+                f"consolidated.NN.pth and params.json"
+            )
+        checkpoints = sorted(ckpt.glob("*.pth"))
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"no checkpoint files (*.pth) in {ckpt_dir}; a native checkpoint holds consolidated.00.pth "
+                f"(one file per model-parallel rank) and params.json"
+            )
+        params = load_params(ckpt)
+
+        _init_distributed()
+        if not model_parallel_is_initialized():
+            if model_parallel_size is None:
+                model_parallel_size = int(os.environ.get("WORLD_SIZE", 1))
+            initialize_model_parallel(model_parallel_size)
+
+        if len(checkpoints) != get_model_parallel_world_size():
+            raise ValueError(
+                f"{ckpt_dir} holds {len(checkpoints)} checkpoint shards but the run has "
+                f"{get_model_parallel_world_size()} model-parallel ranks; run "
+                f"`torchrun --nproc_per_node {len(checkpoints)} ...` (or re-shard with scripts/shard_checkpoint.py)"
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+
+        # seed must be the same in all processes
+        torch.manual_seed(seed)
+
+        if local_rank > 0:
+            sys.stdout = open(os.devnull, "w")
+
+        start_time = time.time()
+        tokenizer = load_tokenizer(tokenizer_path)
+        model_args: ModelArgs = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        if model_args.vocab_size == -1:  # Meta's Llama 2 params.json leaves it to the tokenizer
+            model_args.vocab_size = tokenizer.n_words
+        if tokenizer.n_words != model_args.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} has "
+                f"vocab_size={model_args.vocab_size}; pass the tokenizer that belongs to this checkpoint"
+            )
+        checkpoint = torch.load(checkpoints[get_model_parallel_rank()], map_location="cpu", weights_only=True,
+                                mmap=True)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = Transformer(model_args)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        try:
+            model.load_state_dict(checkpoint, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{checkpoints[get_model_parallel_rank()]} does not match params.json in {ckpt_dir}: {e}"
+            ) from None
+        model.to(device)
+        print(f"Loaded in {time.time() - start_time:.2f} seconds", file=sys.stderr)
+
+        return Llama(model, tokenizer, kv_config=kv_config)
+
+    def __init__(self, model: Transformer, tokenizer, kv_config=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format_for(tokenizer)
+        self.set_kv_config(kv_config)
+        self.kv_stats: Optional[Dict] = None  # memory statistics of the last generation
+        self.attention_observer = None  # callable(layer_id, maps, policies); see adaptive_kv_cache.images
+
+    def set_kv_config(self, kv_config) -> None:
+        """Switches KV compression for later generations (None, a FastGenConfig, a dict of overrides or a path)."""
+        from adaptive_kv_cache.config import resolve_kv_config
+        from adaptive_kv_cache.tokens import token_classes
+
+        self.kv_config = resolve_kv_config(kv_config)
+        self.token_classes = None
+        if self.kv_config is not None:
+            self.token_classes = token_classes(self.tokenizer, self.kv_config.special_strings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    def new_cache(self, prompt_tokens: List[List[int]], total_len: int):
+        """The KV cache for one generation over these prompts (compressed when kv_config is set)."""
+        params = self.model.params
+        if self.kv_config is None:
+            return DenseKVCache(params.n_layers, params.max_seq_len, capacity=total_len)
+        from adaptive_kv_cache.cache import FastGenCache
+
+        return FastGenCache(
+            self.kv_config, self.token_classes, params.n_layers, prompt_tokens, params.max_seq_len,
+            observer=self.attention_observer,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_tokens: Optional[frozenset] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """
+        Generate text sequences based on provided prompts using the language generation model.
+
+        Args:
+            prompt_tokens (List[List[int]]): List of tokenized prompts, where each prompt is represented as a list of integers.
+            max_gen_len (int): Maximum length of the generated text sequence.
+            temperature (float, optional): Temperature value for controlling randomness in sampling (0 = greedy).
+            top_p (float, optional): Top-p probability threshold for nucleus sampling. Defaults to 0.9.
+            logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
+            echo (bool, optional): Flag indicating whether to include prompt tokens in the generated output. Defaults to False.
+            stop_tokens: token ids that end a sequence (default: the tokenizer's EOS and end-of-turn tokens).
+
+        Returns:
+            Tuple[List[List[int]], Optional[List[List[float]]]]: A tuple containing generated token sequences and, if logprobs is True, corresponding token log probabilities.
+
+        Note:
+            Each sequence stops at its first stop token; the batch stops when all have. The memory statistics
+            of the generation's KV cache are left in `self.kv_stats`.
+        """
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        if bsz == 0:
+            raise ValueError("no prompts given")
+        if bsz > params.max_batch_size:
+            raise ValueError(
+                f"{bsz} prompts exceed max_batch_size={params.max_batch_size}; build with a larger "
+                f"--max_batch_size or pass fewer prompts"
+            )
+        if not 0.0 <= top_p <= 1.0 or temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in [0, 1]")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len={max_gen_len} must be >= 0")
+
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        if min_prompt_len == 0:
+            raise ValueError(f"prompt {[len(t) for t in prompt_tokens].index(0)} is empty after tokenization")
+        if max_prompt_len > params.max_seq_len:
+            raise ValueError(
+                f"prompt {[len(t) for t in prompt_tokens].index(max_prompt_len)} has {max_prompt_len} tokens, "
+                f"more than max_seq_len={params.max_seq_len}; shorten it or build with a larger --max_seq_len"
+            )
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        if stop_tokens is None:
+            stop_tokens = self.tokenizer.stop_tokens | {self.tokenizer.eos_id}
+
+        device = self.device
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
+        input_text_mask = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+            input_text_mask[k, : len(t)] = True
+        if logprobs:
+            token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
+        stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
+
+        cache = self.new_cache(prompt_tokens, total_len)
+        prev_pos = 0
+        eos_reached = torch.tensor([False] * bsz, device=device)
+        if min_prompt_len == total_len:
+            logits = self.model.forward(tokens, prev_pos, cache)
+            if logprobs:
+                token_logprobs[:, 1:] = -F.cross_entropy(
+                    input=logits[:, :-1].transpose(1, 2), target=tokens[:, 1:], reduction="none"
+                )
+
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, cache)
+            if temperature > 0:
+                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+                next_token = sample_top_p(probs, top_p)
+            else:
+                next_token = torch.argmax(logits[:, -1], dim=-1)
+
+            next_token = next_token.reshape(-1)
+            # only replace token if prompt has already been generated
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    input=logits.transpose(1, 2),
+                    target=tokens[:, prev_pos + 1 : cur_pos + 1],
+                    reduction="none",
+                )
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
+            prev_pos = cur_pos
+            if all(eos_reached):
+                break
+        self.kv_stats = cache.memory_stats()
+
+        if logprobs:
+            token_logprobs = token_logprobs.tolist()
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            # cut to max gen len
+            start = 0 if echo else len(prompt_tokens[i])
+            toks = toks[start : len(prompt_tokens[i]) + max_gen_len]
+            probs = None
+            if logprobs:
+                probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len]
+            # cut to the first stop token, if any
+            for j, tok in enumerate(toks):
+                if tok in stop_tokens and (echo is False or j >= len(prompt_tokens[i])):
+                    toks = toks[:j]
+                    probs = probs[:j] if logprobs else None
+                    break
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return (out_tokens, out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """
+        Perform text completion for a list of prompts using the language generation model.
+
+        Args:
+            prompts (List[str]): List of text prompts for completion.
+            temperature (float, optional): Temperature value for controlling randomness in sampling. Defaults to 0.6.
+            top_p (float, optional): Top-p probability threshold for nucleus sampling. Defaults to 0.9.
+            max_gen_len (Optional[int], optional): Maximum length of the generated completion sequence.
+                If not provided, it's set to the model's maximum sequence length minus 1.
+            logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
+            echo (bool, optional): Flag indicating whether to include prompt tokens in the generated output. Defaults to False.
+
+        Returns:
+            List[CompletionPrediction]: List of completion predictions, each containing the generated text completion.
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            echo=echo,
+        )
+        if logprobs:
+            return [
+                {
+                    "generation": self.tokenizer.decode(t),
+                    "tokens": [self.tokenizer.decode([x]) for x in t],
+                    "logprobs": logprobs_i,
+                }
+                for t, logprobs_i in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """
+        Generate assistant responses for a list of conversational dialogs using the language generation model.
+
+        Args:
+            dialogs (List[Dialog]): List of conversational dialogs, where each dialog is a list of messages.
+            temperature (float, optional): Temperature value for controlling randomness in sampling. Defaults to 0.6.
+            top_p (float, optional): Top-p probability threshold for nucleus sampling. Defaults to 0.9.
+            max_gen_len (Optional[int], optional): Maximum length of the generated response sequence.
+                If not provided, it's set to the model's maximum sequence length minus 1.
+            logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
+
+        Returns:
+            List[ChatPrediction]: List of chat predictions, each containing the assistant's generated response.
+
+        Raises:
+            ValueError: a dialog is malformed (roles must be an optional 'system', then 'user' and
+                'assistant' alternating, ending with 'user').
+
+        Note:
+            The template (Llama 2 [INST], Llama 3 headers or ChatML) follows the tokenizer; generation stops at
+            the template's end-of-turn tokens.
+        """
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, i)
+        unsafe_requests = [self.chat_format.unsafe(dialog) for dialog in dialogs]
+        prompt_tokens = [self.chat_format.encode_dialog_prompt(dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            stop_tokens=self.chat_format.stop_tokens,
+        )
+        if logprobs:
+            return [
+                {
+                    "generation": {
+                        "role": "assistant",
+                        "content": self.tokenizer.decode(t) if not unsafe else UNSAFE_ERROR,
+                    },
+                    "tokens": [self.tokenizer.decode([x]) for x in t],
+                    "logprobs": logprobs_i,
+                }
+                for t, logprobs_i, unsafe in zip(generation_tokens, generation_logprobs, unsafe_requests)
+            ]
+        return [
+            {
+                "generation": {
+                    "role": "assistant",
+                    "content": self.tokenizer.decode(t) if not unsafe else UNSAFE_ERROR,
+                }
+            }
+            for t, unsafe in zip(generation_tokens, unsafe_requests)
+        ]
+
+
+def sample_top_p(probs, p):
+    """
+    Perform top-p (nucleus) sampling on a probability distribution.
+
+    Args:
+        probs (torch.Tensor): Probability distribution tensor.
+        p (float): Probability threshold for top-p sampling.
+
+    Returns:
+        torch.Tensor: Sampled token indices.
+
+    Note:
+        Top-p sampling selects the smallest set of tokens whose cumulative probability mass
+        exceeds the threshold p. The distribution is renormalized based on the selected tokens.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)

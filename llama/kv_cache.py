@@ -1,0 +1,135 @@
+"""KV caches the attention layers talk to.
+
+The cache owns storage; attention owns the math. Each forward pass calls ``begin(tokens, start_pos)`` once,
+then every attention layer calls ``update`` once and attends to what it gets back, then ``end()``. Caches
+are created per generation for the actual batch; nothing is allocated in a constructor.
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+
+
+class KVCache:
+    """Interface of a KV cache (also the uncompressed reference implementation's base)."""
+
+    def begin(self, tokens: torch.Tensor, start_pos: int) -> None:
+        """Called once per forward pass before the first layer.
+
+        Args:
+            tokens: (bsz, seqlen) token ids about to be processed at positions start_pos...
+            start_pos: absolute position of tokens[:, 0].
+        """
+
+    def update(
+        self, layer_id: int, start_pos: int, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stores the new keys/values of one layer and returns what the new queries attend to.
+
+        Args:
+            layer_id: index of the calling layer.
+            start_pos: absolute position of the first new token.
+            xq: (bsz, n_kv_heads, n_rep, seqlen, head_dim) rotated queries, grouped by KV head.
+            xk: (bsz, n_kv_heads, seqlen, head_dim) rotated keys of the new tokens.
+            xv: (bsz, n_kv_heads, seqlen, head_dim) values of the new tokens.
+
+        Returns:
+            keys: (bsz, n_kv_heads, cache_len, head_dim)
+            values: (bsz, n_kv_heads, cache_len, head_dim)
+            mask: bool, broadcastable to (bsz, n_kv_heads, n_rep, seqlen, cache_len); True = may attend.
+        """
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """Called once per forward pass after the last layer."""
+
+    def memory_stats(self) -> Dict:
+        """Allocated and uncompressed bytes; see subclasses."""
+        return {}
+
+
+def causal_mask(seqlen: int, start_pos: int, device) -> torch.Tensor:
+    """(seqlen, start_pos + seqlen) bool: query i (at start_pos + i) may attend key j when j <= start_pos + i."""
+    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(diagonal=start_pos)
+
+
+class NoCache(KVCache):
+    """Stand-alone causal pass over the given tokens: nothing is kept."""
+
+    def __init__(self, start_pos: int = 0):
+        if start_pos != 0:
+            raise ValueError(
+                f"start_pos={start_pos} needs the keys of earlier positions: pass the generation's cache "
+                f"to Transformer.forward"
+            )
+
+    def update(self, layer_id, start_pos, xq, xk, xv):
+        return xk, xv, causal_mask(xk.shape[2], 0, xk.device)
+
+
+class DenseKVCache(KVCache):
+    """Uncompressed cache: every (sequence, KV head) keeps every token, in position order.
+
+    Storage for each layer is (bsz, n_kv_heads, capacity, head_dim), allocated on first use for the actual
+    batch and grown geometrically (capped at max_seq_len) when a forward pass goes past the capacity.
+    """
+
+    def __init__(self, n_layers: int, max_seq_len: int, capacity: int = 0):
+        """
+        Args:
+            n_layers: number of attention layers.
+            max_seq_len: hard limit on positions.
+            capacity: initial number of positions to allocate on first use (0 = exactly what the first
+                pass needs); a generation passes prompt length + max_gen_len so no growth happens.
+        """
+        self.n_layers = n_layers
+        self.max_seq_len = max_seq_len
+        self.initial_capacity = capacity
+        self.cache_k: List[torch.Tensor] = []
+        self.cache_v: List[torch.Tensor] = []
+        self.length = 0
+        self._end = 0
+
+    def begin(self, tokens, start_pos):
+        if start_pos != self.length:
+            raise ValueError(
+                f"start_pos={start_pos} but the cache holds {self.length} positions; a cache serves one "
+                f"generation: feed positions in order or start a new cache"
+            )
+        if start_pos + tokens.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"{start_pos + tokens.shape[1]} positions exceed max_seq_len={self.max_seq_len}; "
+                f"build the model with a larger max_seq_len or shorten the input"
+            )
+        self._end = start_pos + tokens.shape[1]
+
+    def _reserve(self, layer_id: int, needed: int, like: torch.Tensor):
+        bsz, n_kv_heads, _, head_dim = like.shape
+        if layer_id == len(self.cache_k):
+            capacity = min(self.max_seq_len, max(needed, self.initial_capacity))
+            self.cache_k.append(like.new_zeros(bsz, n_kv_heads, capacity, head_dim))
+            self.cache_v.append(like.new_zeros(bsz, n_kv_heads, capacity, head_dim))
+            return
+        capacity = self.cache_k[layer_id].shape[2]
+        if needed > capacity:
+            grown = min(self.max_seq_len, max(needed, 2 * capacity))
+            pad = (0, 0, 0, grown - capacity)
+            self.cache_k[layer_id] = torch.nn.functional.pad(self.cache_k[layer_id], pad)
+            self.cache_v[layer_id] = torch.nn.functional.pad(self.cache_v[layer_id], pad)
+
+    def update(self, layer_id, start_pos, xq, xk, xv):
+        seqlen = xk.shape[2]
+        end = start_pos + seqlen
+        self._reserve(layer_id, end, xk)
+        self.cache_k[layer_id][:, :, start_pos:end] = xk
+        self.cache_v[layer_id][:, :, start_pos:end] = xv
+        keys = self.cache_k[layer_id][:, :, :end]  # (bsz, n_kv_heads, cache_len, head_dim)
+        values = self.cache_v[layer_id][:, :, :end]
+        return keys, values, causal_mask(seqlen, start_pos, xk.device)
+
+    def end(self):
+        self.length = self._end
+
+    def memory_stats(self):
+        allocated = sum(t.numel() * t.element_size() for t in self.cache_k + self.cache_v)
+        return {"allocated_bytes": allocated, "tokens": self.length}

@@ -1,0 +1,254 @@
+# Copyright (c) adaptive-kv authors. A hand-written fork in the shape of Meta's Llama 2 reference code
+# (llama/model.py); this software may be used and distributed according to the terms of the Llama 2
+# Community License Agreement where it applies to Llama weights.
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+from llama.kv_cache import KVCache, NoCache
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # defined later by tokenizer
+    multiple_of: int = 256  # make SwiGLU hidden layer size multiple of large power of 2
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not problems:
+            if self.dim % self.n_heads:
+                problems.append(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+            elif (self.dim // self.n_heads) % 2:
+                problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if problems:
+            raise ValueError("invalid model arguments: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size, computed exactly as Meta's FeedForward does."""
+        hidden_dim = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
+        return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device=None):
+    """Complex rotations for RoPE.
+
+    Returns:
+        torch.Tensor: (end, dim // 2) complex64, entry [t, i] = exp(1j * t * theta^(-2i/dim)).
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)  # complex64
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor):
+    ndim = x.ndim
+    assert 0 <= 1 < ndim
+    assert freqs_cis.shape == (x.shape[1], x.shape[-1])
+    shape = [d if i == 1 or i == ndim - 1 else 1 for i, d in enumerate(x.shape)]
+    return freqs_cis.view(*shape)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_kv_heads = args.n_kv_heads
+        model_parallel_size = fs_init.get_model_parallel_world_size()
+        if args.n_kv_heads % model_parallel_size:
+            raise ValueError(
+                f"n_kv_heads={args.n_kv_heads} cannot be split over {model_parallel_size} model-parallel "
+                f"ranks; run with a number of ranks that divides it"
+            )
+        self.n_local_heads = args.n_heads // model_parallel_size
+        self.n_local_kv_heads = self.n_kv_heads // model_parallel_size
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.dim // args.n_heads
+
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wk = ColumnParallelLinear(
+            args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wv = ColumnParallelLinear(
+            args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        cache: KVCache,
+    ):
+        bsz, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+
+        # Query heads that share a KV head are grouped instead of repeating the cache (repeat_kv in
+        # upstream): a compressed cache keeps a different number of tokens per KV head.
+        xq = xq.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        xq = xq.permute(0, 2, 3, 1, 4)  # (bsz, n_local_kv_heads, n_rep, seqlen, head_dim)
+        keys, values, mask = cache.update(self.layer_id, start_pos, xq, xk.transpose(1, 2), xv.transpose(1, 2))
+        # keys, values: (bsz, n_local_kv_heads, cache_len, head_dim)
+        # mask: bool, broadcastable to (bsz, n_local_kv_heads, n_rep, seqlen, cache_len); True = may attend
+
+        scores = torch.matmul(xq, keys.unsqueeze(2).transpose(3, 4)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        output = torch.matmul(scores, values.unsqueeze(2))  # (bsz, n_local_kv_heads, n_rep, seqlen, head_dim)
+        output = output.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.dim = args.dim
+        self.head_dim = args.dim // args.n_heads
+        self.attention = Attention(layer_id, args)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.hidden_dim)
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, cache: KVCache):
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, cache)
+        out = h + self.feed_forward(self.ffn_norm(h))
+        return out
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+
+        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=lambda x: x)
+
+        self.layers = torch.nn.ModuleList()
+        for layer_id in range(params.n_layers):
+            self.layers.append(TransformerBlock(layer_id, params))
+
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
+
+        # A buffer, not an attribute, so that .to(device) moves it; it is derived, so not saved.
+        self.register_buffer(
+            "freqs_cis",
+            precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta),
+            persistent=False,
+        )
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
+        """Logits for `tokens` placed at absolute positions start_pos .. start_pos + seqlen - 1.
+
+        Args:
+            tokens: (bsz, seqlen) token ids.
+            start_pos: absolute position of tokens[:, 0]; the cache holds the positions before it.
+            cache: the generation's KV cache; None runs a stand-alone causal pass (start_pos must be 0).
+
+        Returns:
+            torch.Tensor: (bsz, seqlen, vocab_size) float32 logits.
+        """
+        _bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.freqs_cis.shape[0]:
+            raise ValueError(
+                f"positions up to {start_pos + seqlen} exceed the {self.freqs_cis.shape[0]} RoPE positions "
+                f"prepared for max_seq_len={self.params.max_seq_len}; build the model with a larger max_seq_len"
+            )
+        if cache is None:
+            cache = NoCache(start_pos)
+        cache.begin(tokens, start_pos)
+        h = self.tok_embeddings(tokens)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, cache)
+        h = self.norm(h)
+        output = self.output(h).float()
+        cache.end()
+        return output
