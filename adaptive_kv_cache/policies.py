@@ -98,8 +98,10 @@ class Frequent:
     def keep(self, s: TokenStats) -> torch.Tensor:
         budget = ceil_ratio(self.r_f, s.n)  # (..., 1)
         score = s.normalised_score().masked_fill(~s.valid, float("-inf"))
-        # rank of each slot in descending score order; ties broken towards the older slot
-        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        # Rank by descending score, ties towards the older token: sort by position first, then stably by score,
+        # so the result does not depend on the order in which a packed cache holds its slots.
+        by_pos = torch.argsort(s.pos, dim=-1, stable=True)
+        order = by_pos.gather(-1, torch.argsort(score.gather(-1, by_pos), dim=-1, descending=True, stable=True))
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
                                                 .expand_as(order))
         return s.valid & (rank < budget)

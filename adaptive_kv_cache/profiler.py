@@ -1,9 +1,11 @@
 """FastGen's profiler: attention statistics + candidates + T -> one policy per (sequence, KV head).
 
-recovery(C) = (1/L) * sum_t sum_{j<=t} A[t, j] * keep_C(t, j). Column policies (special, punct, frequent,
+recovery(C) = (1/M) * sum_t sum_{j<=t} A[t, j] * keep_C(t, j), with M = sum_t sum_j A[t, j] the total mass:
+M = L for fastgen.md's mean over a query group (rows sum to 1); with the max over a group rows sum to more
+than 1, and dividing by M keeps recovery a share in [0, 1]. Column policies (special, punct, frequent,
 full) keep a fixed set X of keys for every row, and local keeps the band t - j < W, so
 
-    recovery(C) = (1/L) * (sum_{j in X} colsum_j + [local in C] * sum_{j not in X} band_j)
+    recovery(C) = (1/M) * (sum_{j in X} colsum_j + [local in C] * sum_{j not in X} band_j)
 
 where colsum_j = sum_t A[t, j] and band_j = sum_{t: t - j < W} A[t, j]. Both are vectors of length L, which the
 cache accumulates in row chunks while the prompt is processed, so no L x L map is ever kept.
@@ -27,13 +29,13 @@ def recoveries(stats: TokenStats, band: torch.Tensor, candidates: Sequence[Hybri
     Returns:
         torch.Tensor: (..., len(candidates)) float64 recovery in [0, 1]; exactly 1 for full.
     """
-    L = stats.n.squeeze(-1).double()
     score = stats.score.double() * stats.valid
     band = band.double() * stats.valid
+    mass = score.sum(-1)
     out = []
     for cand in candidates:
         if any(m.name == "full" for m in cand.members):
-            out.append(torch.ones_like(L))
+            out.append(torch.ones_like(mass))
             continue
         cols = torch.zeros_like(stats.valid)
         for m in cand.members:
@@ -42,7 +44,7 @@ def recoveries(stats: TokenStats, band: torch.Tensor, candidates: Sequence[Hybri
         rec = (score * cols).sum(-1)
         if any(m.windowed for m in cand.members):
             rec = rec + (band * ~cols).sum(-1)
-        out.append((rec / L).clamp(0.0, 1.0))
+        out.append((rec / mass.clamp(min=1e-30)).clamp(0.0, 1.0))
     return torch.stack(out, dim=-1)
 
 

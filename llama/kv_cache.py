@@ -130,6 +130,24 @@ class DenseKVCache(KVCache):
     def end(self):
         self.length = self._end
 
-    def memory_stats(self):
-        allocated = sum(t.numel() * t.element_size() for t in self.cache_k + self.cache_v)
-        return {"allocated_bytes": allocated, "tokens": self.length}
+    def memory_stats(self) -> Dict:
+        """Per-layer and total KV memory, in the same layout as the compressed caches report.
+
+        raw_bytes counts the tokens held; allocated_bytes the buffers, whose capacity may exceed them.
+        """
+        layers = []
+        for k, v in zip(self.cache_k, self.cache_v):
+            bsz, n_kv_heads, _, head_dim = k.shape
+            raw = 2 * bsz * n_kv_heads * self.length * head_dim * k.element_size()
+            allocated = k.numel() * k.element_size() + v.numel() * v.element_size()
+            layers.append({"raw_bytes": raw, "allocated_bytes": allocated, "kept_bytes": raw,
+                           "slack_bytes": allocated - raw, "metadata_bytes": 0,
+                           "kept_tokens": bsz * n_kv_heads * self.length, "segments": bsz * n_kv_heads,
+                           "policies": {"full": bsz * n_kv_heads}})
+        keys = [k for k in (layers[0] if layers else {}) if k != "policies"]
+        total = {k: sum(d[k] for d in layers) for k in keys}
+        total["policies"] = {"full": sum(d["policies"]["full"] for d in layers)}
+        allocated = total.get("allocated_bytes", 0)
+        return {"layers": layers, "total": total, "peak_allocated_bytes": allocated,
+                "peak_raw_bytes": total.get("raw_bytes", 0), "tokens": self.length,
+                "batch": self.cache_k[0].shape[0] if self.cache_k else 0, "candidates": ["full"], "heads": []}
