@@ -3,7 +3,9 @@
 Storage of one layer is a flat, packed buffer: segment i = (sequence b, KV head h), i = b * n_kv_heads + h, owns
 rows [off_i, off_i + cap_i) of `k` and `v` (each (sum cap, head_dim)), of which the first len_i hold its kept
 tokens in no particular order (keys carry their RoPE already, so order does not matter). Allocated bytes are
-sum(cap) * 2 * head_dim * dtype size; cap_i - len_i is the growth slack, at most 2 * growth_slack tokens.
+sum(cap) * 2 * head_dim * dtype size; cap_i - len_i is the growth slack. A re-layout gives each segment
+ceil(len_i / 8) spare rows, at least 1 and at most growth_slack (so short prompts are not dwarfed by it and long
+ones re-layout rarely); a segment whose slack passes 2 * growth_slack after evictions triggers a re-layout.
 
 Life of a sequence: while its prompt is being processed it keeps everything and accumulates, in row chunks,
 the two vectors the profiler needs (attention column sums and local-band sums). When its last prompt token has
@@ -63,10 +65,20 @@ class LayerStore:
         idx = (self.off[:, None] + ar).clamp(max=self.k.shape[0] - 1)
         return idx, ar < self.len[:, None]
 
-    def relayout(self, extra: torch.Tensor, slack: int) -> None:
-        """Re-packs every segment into a new buffer with capacity len + extra + slack."""
+    def relayout(self, extra: torch.Tensor, max_slack: int, resize: torch.Tensor) -> None:
+        """Re-packs every segment into a new buffer; the `resize` ones get capacity len + extra + slack.
+
+        Only segments that need it are resized, so a segment's capacity depends on its own history alone, not
+        on which other segments share the buffer (the totals are the same however heads are split over ranks).
+
+        Args:
+            extra: (n_seg,) rows about to be appended.
+            max_slack: cap on the spare rows of a resized segment, which get ceil((len + extra) / 8), at least 1.
+            resize: (n_seg,) bool.
+        """
         idx, valid = self.view_index()
-        cap = self.len + extra + slack
+        need = self.len + extra
+        cap = torch.where(resize, need + torch.clamp((need + 7) // 8, min=1, max=max_slack), self.cap)
         off = torch.cumsum(cap, 0) - cap
         src = idx[valid]
         dst = (off[:, None] + torch.arange(idx.shape[1], device=idx.device))[valid]
@@ -217,8 +229,9 @@ class FastGenCache(KVCache):
         n_seg = bsz * n_kv
         st = self._store(layer_id, xk)
         slack = self.config.growth_slack
-        if bool((st.len + seqlen > st.cap).any()):
-            st.relayout(torch.full_like(st.len, seqlen), slack)
+        full = st.len + seqlen > st.cap
+        if bool(full.any()):
+            st.relayout(torch.full_like(st.len, seqlen), slack, resize=full)
 
         # append the new tokens
         ar_new = torch.arange(seqlen, device=xk.device)
@@ -257,8 +270,9 @@ class FastGenCache(KVCache):
             drop = valid & ~keep & active[:, None]
             if bool(drop.any()):
                 st.remove(idx, valid, drop)
-                if bool((st.cap - st.len > 2 * slack).any()):
-                    st.relayout(torch.zeros_like(st.len), slack)
+                loose = st.cap - st.len > 2 * slack
+                if bool(loose.any()):
+                    st.relayout(torch.zeros_like(st.len), slack, resize=loose)
         return keys, values, mask
 
     def _accumulate(self, layer_id, st, xq, keys, kpos, mask, idx, valid, pending):
@@ -324,7 +338,7 @@ class FastGenCache(KVCache):
         keep = union_keep(st.flags, self.basics, stats)
         drop = valid & ~keep & seg[:, None]
         st.remove(idx, valid, drop)
-        st.relayout(torch.zeros_like(st.len), self.config.growth_slack)
+        st.relayout(torch.zeros_like(st.len), self.config.growth_slack, resize=seg)
 
         if self.attn_for_observer is not None:
             b = self.attn_for_observer

@@ -369,7 +369,8 @@ class Llama:
             raise ValueError("prompts must be a list of strings")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        # SmolLM2-style vocabularies reuse their BOS id as a chat marker and expect no BOS in front of text.
+        prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
             max_gen_len=max_gen_len,

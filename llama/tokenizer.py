@@ -42,6 +42,7 @@ class Tokenizer:
         )
         # Tokens that end an assistant turn; Llama 2 chat ends turns with EOS.
         self.stop_tokens = frozenset({self.eos_id})
+        self.add_bos = True  # Llama 2 prompts start with BOS
         logger.info(f"#words: {self.n_words} - BOS ID: {self.bos_id} - EOS ID: {self.eos_id}")
         assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
 
