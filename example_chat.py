@@ -6,12 +6,13 @@ from typing import List, Optional
 import fire
 
 from adaptive_kv_cache.cli import attach_outputs, kv_config_from_flags, report_outputs
+from llama.tokenizer import find_tokenizer
 from llama import Dialog, Llama
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: str = "models/SmolLM2-135M-Instruct",
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -32,6 +33,8 @@ def main(
     ChatML) follows the tokenizer.
 
     Args:
+        ckpt_dir: native checkpoint directory (consolidated.NN.pth + params.json).
+        tokenizer_path: tokenizer file; default: tokenizer.model or tokenizer.gguf inside ckpt_dir.
         kv_config: FastGen config JSON (default adaptive_kv_cache/configs/config.json); --T, --r_l, --r_f
             override it; --no-compress (or --nocompress) runs with the uncompressed cache.
         log_dir, image_dir: where the KV memory logs and (with SAVE_IMAGE=1) attention heatmaps go.
@@ -39,7 +42,7 @@ def main(
     config = kv_config_from_flags(kv_config, T, r_l, r_f, compress and not no_compress)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+        tokenizer_path=tokenizer_path or find_tokenizer(ckpt_dir),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         kv_config=config,

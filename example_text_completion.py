@@ -6,12 +6,13 @@ from typing import List, Optional
 import fire
 
 from adaptive_kv_cache.cli import attach_outputs, kv_config_from_flags, report_outputs
+from llama.tokenizer import find_tokenizer
 from llama import Llama
 
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -35,6 +36,8 @@ def main(
     `max_gen_len` is needed because pre-trained models usually do not stop completions naturally.
 
     Args:
+        ckpt_dir: native checkpoint directory (consolidated.NN.pth + params.json).
+        tokenizer_path: tokenizer file; default: tokenizer.model or tokenizer.gguf inside ckpt_dir.
         prompt_file: complete the first `prompt_tokens` tokens of this text file instead of the built-in prompts.
         kv_config: FastGen config JSON (default adaptive_kv_cache/configs/config.json); --T, --r_l, --r_f
             override it; --no-compress (or --nocompress) runs with the uncompressed cache.
@@ -43,7 +46,7 @@ def main(
     config = kv_config_from_flags(kv_config, T, r_l, r_f, compress and not no_compress)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+        tokenizer_path=tokenizer_path or find_tokenizer(ckpt_dir),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         kv_config=config,

@@ -70,7 +70,7 @@ def plot_policy_distribution(stats: Dict, path="images/policy_distribution.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     names = stats["candidates"]
     layers = range(len(stats["layers"]))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 3) + 3, 4))
     bottom = [0] * len(layers)
     for name in names:
         counts = [stats["layers"][i]["policies"].get(name, 0) for i in layers]
@@ -79,7 +79,7 @@ def plot_policy_distribution(stats: Dict, path="images/policy_distribution.png")
     ax.set_xlabel("layer")
     ax.set_ylabel("(sequence, KV head) segments")
     ax.set_title("FastGen policy per layer")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

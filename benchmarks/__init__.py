@@ -100,6 +100,10 @@ def machine_info(device: str = "cpu") -> Dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "device": device,
     }
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other jobs on the cores distort timings
+    except OSError:
+        pass
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -83,6 +83,19 @@ class Tokenizer:
         return self.sp_model.id_to_piece(i)
 
 
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.gguf")
+
+
+def find_tokenizer(ckpt_dir: str) -> str:
+    """The tokenizer file shipped in a checkpoint directory (tokenizer.model or tokenizer.gguf)."""
+    for name in TOKENIZER_NAMES:
+        if (Path(ckpt_dir) / name).is_file():
+            return str(Path(ckpt_dir) / name)
+    raise FileNotFoundError(
+        f"no tokenizer ({' or '.join(TOKENIZER_NAMES)}) in {ckpt_dir}; pass --tokenizer_path explicitly"
+    )
+
+
 def load_tokenizer(path: str):
     """A sentencepiece Tokenizer, or a byte-level BPE tokenizer for tiktoken/GGUF vocabularies."""
     if not Path(path).is_file():
