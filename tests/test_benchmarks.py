@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not (STORIES_DIR / "params.json").is_file(), rea
 
 ROW_FIELDS = {
     "name", "kind", "T", "policy", "ratio", "config", "kv_bytes_mean", "kv_bytes_peak", "mem_ratio", "peak_ratio",
-    "mem_ratio_exact", "metadata_bytes_mean", "ppl", "ppl_ratio", "top1_agreement", "kl_mean", "next_token_acc",
+    "mem_ratio_exact", "metadata_bytes_mean", "mem_ratio_incl_metadata", "ppl", "ppl_ratio", "top1_agreement",
+    "kl_mean", "next_token_acc",
     "recovery_mean", "policy_mix", "greedy_prefix_mean", "greedy_prefix_frac", "greedy_identical", "rouge_l",
     "retrieval_accuracy", "retrieval_token_accuracy", "retrieval_answer_logprob", "retrieval_mem_ratio",
 }
@@ -80,6 +81,7 @@ def test_quality_uncompressed_is_the_reference(quality):
     assert ref["greedy_identical"] == 1.0 and ref["greedy_prefix_frac"] == 1.0 and ref["rouge_l"] == 1.0
     assert ref["retrieval_mem_ratio"] == 1.0
     assert ref["policy_mix"] == {"full": 1.0} and ref["recovery_mean"] == 1.0
+    assert ref["metadata_bytes_mean"] == 0 and ref["mem_ratio_incl_metadata"] == 1.0
     assert math.isfinite(ref["ppl"]) and ref["ppl"] > 1.0
 
 
