@@ -284,6 +284,7 @@ class FastGenCache(KVCache):
         score = torch.zeros(bsz, n_kv, S, dtype=torch.float32, device=xq.device)
         band = torch.zeros_like(score)
         observe = self.attn_for_observer
+        need_band = bool(pending.any())  # band sums only serve profiling
         rows = []
         kT = keys.unsqueeze(2).transpose(3, 4)  # (bsz, n_kv, 1, head_dim, S)
         chunk = self.config.profile_chunk
@@ -293,14 +294,15 @@ class FastGenCache(KVCache):
             p = torch.softmax(s.float().masked_fill(~mask[:, :, :, r0:r1], float("-inf")), dim=-1)
             p = p.mean(2) if self.config.gqa_aggregation == "mean" else p.amax(2)  # (bsz, n_kv, c, S)
             score += p.sum(2)
-            qpos = (step["start_pos"] + torch.arange(r0, r1, device=xq.device)).view(1, 1, -1, 1)
-            in_band = (qpos - kpos[:, :, None, :]) < window
-            band += (p * in_band).sum(2)
+            if need_band:
+                qpos = (step["start_pos"] + torch.arange(r0, r1, device=xq.device)).view(1, 1, -1, 1)
+                band += (p * ((qpos - kpos[:, :, None, :]) < window)).sum(2)
             if observe is not None:
                 rows.append(p[observe].cpu())
         st.score.index_add_(0, idx[valid], score.view(-1, S)[valid])
-        pend_rows = pending.reshape(-1)[:, None] & valid
-        st.band.index_add_(0, idx[pend_rows], band.view(-1, S)[pend_rows])
+        if need_band:
+            pend_rows = pending.reshape(-1)[:, None] & valid
+            st.band.index_add_(0, idx[pend_rows], band.view(-1, S)[pend_rows])
         if observe is not None:
             L = self.prompt_lens[observe]
             self._observed = torch.cat(rows, dim=1)[:, :L, :L]  # (n_kv, L, L) in slot order = position order
