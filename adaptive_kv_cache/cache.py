@@ -52,6 +52,7 @@ class LayerStore:
     flags: torch.Tensor  # (n_seg, n_basic) bool, the hybrid of each segment (all False while pending)
     choice: torch.Tensor  # (n_seg,) long, index into candidates; -1 while pending
     recovery: torch.Tensor  # (n_seg, n_candidates) float64; NaN while pending
+    stride: int = 0  # the common capacity when every segment has the same one (then off = i * stride), else 0
 
     @property
     def slot_bytes(self) -> int:
@@ -65,30 +66,37 @@ class LayerStore:
         idx = (self.off[:, None] + ar).clamp(max=self.k.shape[0] - 1)
         return idx, ar < self.len[:, None]
 
-    def relayout(self, extra: torch.Tensor, max_slack: int, resize: torch.Tensor) -> None:
-        """Re-packs every segment into a new buffer; the `resize` ones get capacity len + extra + slack.
+    def relayout(self, extra: torch.Tensor, max_slack: int, resize: torch.Tensor,
+                 keep: Optional[torch.Tensor] = None) -> None:
+        """Re-packs the kept rows of every segment into new buffers; the `resize` ones get capacity
+        len + extra + slack.
 
         Only segments that need it are resized, so a segment's capacity depends on its own history alone, not
         on which other segments share the buffer (the totals are the same however heads are split over ranks).
+        The old buffers are left untouched (a view handed to attention stays valid).
 
         Args:
             extra: (n_seg,) rows about to be appended.
             max_slack: cap on the spare rows of a resized segment, which get ceil((len + extra) / 8), at least 1.
             resize: (n_seg,) bool.
+            keep: (n_seg, S) bool over view_index's slots, rows to carry over (default: all valid ones).
         """
         idx, valid = self.view_index()
-        need = self.len + extra
+        keep = valid if keep is None else keep & valid
+        new_len = keep.sum(-1)
+        need = new_len + extra
         cap = torch.where(resize, need + torch.clamp((need + 7) // 8, min=1, max=max_slack), self.cap)
         off = torch.cumsum(cap, 0) - cap
-        src = idx[valid]
-        dst = (off[:, None] + torch.arange(idx.shape[1], device=idx.device))[valid]
+        src = idx[keep]
+        dst = (off[:, None] + torch.cumsum(keep, -1) - 1)[keep]
         total = int(cap.sum())
         for name in ("k", "v", "pos", "cls", "score", "band"):
             old = getattr(self, name)
             new = old.new_zeros((total,) + tuple(old.shape[1:]))
             new[dst] = old[src]
             setattr(self, name, new)
-        self.off, self.cap = off, cap
+        self.off, self.cap, self.len = off, cap, new_len
+        self.stride = int(cap[0]) if bool((cap == cap[0]).all()) else 0
 
     def remove(self, idx: torch.Tensor, valid: torch.Tensor, drop: torch.Tensor) -> None:
         """Removes the dropped slots of every segment, moving tail slots into the holes.
@@ -244,11 +252,17 @@ class FastGenCache(KVCache):
         st.band[slots] = 0.0
         st.len = st.len + seqlen
 
-        # the padded view the new queries attend to
+        # the padded view the new queries attend to: a strided view of storage when all segments share one
+        # capacity and nothing is evicted in place this step (all-full or still-profiling layers), else a copy
         idx, valid = st.view_index()
         S = idx.shape[1]
-        keys = st.k[idx].view(bsz, n_kv, S, head_dim)
-        values = st.v[idx].view(bsz, n_kv, S, head_dim)
+        evicts = bool(((st.choice >= 0) & ~st.flags[:, BASIC_ORDER.index("full")]).any())
+        if st.stride and not evicts:
+            keys = st.k.view(n_seg, st.stride, head_dim)[:, :S].view(bsz, n_kv, S, head_dim)
+            values = st.v.view(n_seg, st.stride, head_dim)[:, :S].view(bsz, n_kv, S, head_dim)
+        else:
+            keys = st.k[idx].view(bsz, n_kv, S, head_dim)
+            values = st.v[idx].view(bsz, n_kv, S, head_dim)
         kpos = st.pos[idx].long().view(bsz, n_kv, S)
         qpos = start_pos + ar_new
         mask = valid.view(bsz, n_kv, 1, 1, S) & (kpos[:, :, None, None, :] <= qpos[:, None])
@@ -338,9 +352,8 @@ class FastGenCache(KVCache):
         # it, are judged at the current length)
         stats = self._stats(st, idx, valid, n_now)
         keep = union_keep(st.flags, self.basics, stats)
-        drop = valid & ~keep & seg[:, None]
-        st.remove(idx, valid, drop)
-        st.relayout(torch.zeros_like(st.len), self.config.growth_slack, resize=seg)
+        # new buffers rather than moving rows in place: attention may still read a view of the old ones
+        st.relayout(torch.zeros_like(st.len), self.config.growth_slack, resize=seg, keep=keep | ~seg[:, None])
 
         if self.attn_for_observer is not None:
             b = self.attn_for_observer

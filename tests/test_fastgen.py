@@ -328,3 +328,18 @@ def test_cli_flags_override_config(tmp_path):
     assert (cfg.T, cfg.r_l, cfg.r_f) == (0.9, 0.2, 0.3)
     with pytest.raises(KVConfigError, match="T"):
         kv_config_from_flags(T=-0.5)
+
+
+def test_all_full_layers_attend_to_storage_without_copying(tiny_llama):
+    """At T=1 every segment shares one stride and nothing is evicted: the view is the storage itself."""
+    tokens = story_tokens(tiny_llama, 60)
+    cache = fastgen_cache(tiny_llama, [tokens[:40]], T=1.0)
+    teacher_force(tiny_llama.model, cache, torch.tensor([tokens[:45]]), 40)
+    st = cache.layers[0]
+    n_kv, hd = st.len.numel(), st.k.shape[1]
+    cache.begin(torch.tensor([[tokens[45]]]), 45)
+    xq, xk, xv = torch.randn(1, n_kv, 2, 1, hd), torch.randn(1, n_kv, 1, hd), torch.randn(1, n_kv, 1, hd)
+    keys, values, mask = cache.update(0, 45, xq, xk, xv)
+    assert st.stride > 0
+    assert keys.untyped_storage().data_ptr() == st.k.untyped_storage().data_ptr()
+    assert torch.equal(keys[0, :, -1], xk[0, :, 0]) and bool(mask.all())
