@@ -197,13 +197,14 @@ class FastGenCache(KVCache):
             "prompt_len": lens,  # (bsz,)
             "finishing": lens <= end,  # prompt complete after this pass (profiled once, when still pending)
         }
-        if self.observer is not None and start_pos == 0:
+        if self.observer is not None and start_pos == 0 and bool(self._step["finishing"].any()):
+            # heatmaps need the whole prompt's rows in one pass: the first sequence whose prompt ends in it
             self.attn_for_observer = int(self._step["finishing"].nonzero()[0, 0])
 
     def end(self) -> None:
         self.length = self._step["start_pos"] + self._step["seqlen"]
-        self.peak_allocated = max(self.peak_allocated, sum(self._kv_bytes(s) for s in self.layers if s))
-        self.peak_raw = max(self.peak_raw, sum(self._raw_bytes(s) for s in self.layers if s))
+        self.peak_allocated = max(self.peak_allocated, sum(self._kv_bytes(s) for s in self.layers if s is not None))
+        self.peak_raw = max(self.peak_raw, sum(self._raw_bytes(s) for s in self.layers if s is not None))
         self.attn_for_observer = None
 
     # --- per layer --------------------------------------------------------------------------------------------

@@ -792,6 +792,8 @@ def main(argv=None) -> Dict:
 
     rows: List[Dict] = []
     settings: List[Setting] = []
+    replay_check: Optional[Dict] = None
+    retrieval: Optional[Dict] = None
 
     def describe(s: Setting) -> Dict:
         cfg = s.config
@@ -802,6 +804,38 @@ def main(argv=None) -> Dict:
     # warm-up (first calls of some kernels are slow), so that the per-setting seconds are comparable
     with torch.inference_mode():
         model.forward(batches[0].tokens[:1, :16], 0, None)
+
+    def build(stage: str) -> Dict:
+        return {
+            "benchmark": "quality",
+            "complete": stage == "done",
+            "stage": stage,
+            "created": now_iso(),
+            "argv": list(argv) if argv is not None else sys.argv[1:],
+            "quick": args.quick,
+            "machine": machine_info("cpu"),
+            "model": {"name": ckpt.name, "ckpt_dir": str(ckpt), "tokenizer": str(tok_path), "context": ctx,
+                      "n_params": n_params, "params": {k: getattr(model.params, k) for k in
+                                                       ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
+                      "dtype": str(model.output.weight.dtype)},
+            "text": str(args.text),
+            "prompt_len": P, "cont_len": C, "n_prompts": N, "gen_len": G, "bos": bos,
+            "windows_overlap": overlap,
+            "fastgen_base_config": base.to_dict(),
+            "replay": replay,
+            "replay_check": replay_check,
+            "match_tol": args.match_tol,
+            "settings": rows,
+            "retrieval": retrieval,
+            "timings_s": timings,
+        }
+
+    out = Path(args.out)
+
+    def save(stage: str) -> None:
+        """Writes what is known so far (a killed long run still leaves its finished stages behind)."""
+        write_json(out / "quality.json", build(stage))
+        write_csv(out / "quality.csv", [csv_row(r) for r in rows], COLUMNS)
 
     # --- teacher forcing: uncompressed, FastGen -----------------------------------------------------------------
     steps_per_pass = sum(b.steps for b in batches)
@@ -837,6 +871,7 @@ def main(argv=None) -> Dict:
         fastgen_rows[float(T)] = row
     bar.close()
     timings["teacher_forcing_fastgen"] = time.perf_counter() - t0
+    save("teacher forcing")
 
     # --- fixed baselines matched in memory ------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -863,13 +898,13 @@ def main(argv=None) -> Dict:
                    "match": info}
             settings.append(s)
             rows.append(finish(row))
+            save(f"baselines ({s.name})")
     bar.close()
     timings["matching_baselines"] = time.perf_counter() - t0
 
     # --- replay check -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     check_setting = next((s for s in settings if s.kind == "fastgen" and s.T < 1.0), None)
-    replay_check = None
     if check_setting is not None:
         # a sub-batch of at most 2 sequences and 16 steps keeps this cheap on big runs
         b0, k = batches[0], min(2, batches[0].bsz)
@@ -899,10 +934,10 @@ def main(argv=None) -> Dict:
             row.update(greedy_agreement(llama, s, gbatches, G, replay, stop, bar))
         bar.close()
     timings["greedy"] = time.perf_counter() - t0
+    save("greedy")
 
     # --- retrieval --------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    retrieval = None
     if not args.no_retrieval:
         room = RETRIEVAL_ROOM
         lengths = args.retrieval_lengths or sorted({max(64, int(f * (ctx - room))) for f in d["retrieval_fracs"]})
@@ -937,30 +972,8 @@ def main(argv=None) -> Dict:
     timings["retrieval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    result = {
-        "benchmark": "quality",
-        "created": now_iso(),
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "quick": args.quick,
-        "machine": machine_info("cpu"),
-        "model": {"name": ckpt.name, "ckpt_dir": str(ckpt), "tokenizer": str(tok_path), "context": ctx,
-                  "n_params": n_params, "params": {k: getattr(model.params, k) for k in
-                                                   ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
-                  "dtype": str(model.output.weight.dtype)},
-        "text": str(args.text),
-        "prompt_len": P, "cont_len": C, "n_prompts": N, "gen_len": G, "bos": bos,
-        "windows_overlap": overlap,
-        "fastgen_base_config": base.to_dict(),
-        "replay": replay,
-        "replay_check": replay_check,
-        "match_tol": args.match_tol,
-        "settings": rows,
-        "retrieval": retrieval,
-        "timings_s": timings,
-    }
-    out = Path(args.out)
-    write_json(out / "quality.json", result)
-    write_csv(out / "quality.csv", [csv_row(r) for r in rows], COLUMNS)
+    result = build("done")
+    save("done")
     if not args.no_plot:
         plot(result, out / "quality.png")
     print(f"\nquality: {ckpt.name}, P={P}, C={C}, N={N}, G={G}; {timings['total']:.1f} s; outputs in {out}")

@@ -57,7 +57,7 @@ def test_quality_outputs(quality):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
     on_disk = json.loads((out / "quality.json").read_text())
-    assert on_disk["settings"][0]["name"] == "uncompressed"
+    assert on_disk["complete"] and on_disk["settings"][0]["name"] == "uncompressed"
     for key in ("machine", "model", "prompt_len", "cont_len", "n_prompts", "gen_len", "retrieval", "replay_check",
                 "timings_s"):
         assert key in on_disk, key

@@ -343,3 +343,19 @@ def test_all_full_layers_attend_to_storage_without_copying(tiny_llama):
     assert st.stride > 0
     assert keys.untyped_storage().data_ptr() == st.k.untyped_storage().data_ptr()
     assert torch.equal(keys[0, :, -1], xk[0, :, 0]) and bool(mask.all())
+
+
+def test_heatmap_observer_gets_each_layer_once_and_tolerates_chunked_prefill(tiny_llama):
+    tokens = story_tokens(tiny_llama, 50)
+    seen = []
+    cfg = FastGenConfig()
+    g = Llama(tiny_llama.model, tiny_llama.tokenizer, kv_config=cfg)
+    observer = lambda layer, seq, attn, names, recs: seen.append((layer, seq, tuple(attn.shape), len(names)))  # noqa
+    cache = FastGenCache(cfg, g.token_classes, 2, [tokens[:40]], 256, observer=observer)
+    teacher_force(tiny_llama.model, cache, torch.tensor([tokens]), 40)
+    assert seen == [(0, 0, (2, 40, 40), 2), (1, 0, (2, 40, 40), 2)]
+    # a prompt that does not end in the first pass: no heatmap, no error
+    cache = FastGenCache(cfg, g.token_classes, 2, [tokens[:40]], 256, observer=observer)
+    tiny_llama.model.forward(torch.tensor([tokens[:20]]), 0, cache)
+    tiny_llama.model.forward(torch.tensor([tokens[20:40]]), 20, cache)
+    assert len(seen) == 2 and all(c >= 0 for st in cache.layers for c in st.choice.tolist())
