@@ -302,18 +302,25 @@ class FastGenCache(KVCache):
         need_band = bool(pending.any())  # band sums only serve profiling
         rows = []
         kT = keys.unsqueeze(2).transpose(3, 4)  # (bsz, n_kv, 1, head_dim, S)
+        # While every head is still reading its prompt nothing has been evicted, so slot s holds position s in
+        # every segment and a row chunk only needs the keys up to its last position (half the work of L x L).
+        causal = bool(pending.all())
         chunk = self.config.profile_chunk
+        scale = 1 / math.sqrt(head_dim)
         for r0 in range(0, seqlen, chunk):
             r1 = min(seqlen, r0 + chunk)
-            s = torch.matmul(xq[:, :, :, r0:r1], kT) / math.sqrt(head_dim)
-            p = torch.softmax(s.float().masked_fill(~mask[:, :, :, r0:r1], float("-inf")), dim=-1)
-            p = p.mean(2) if self.config.gqa_aggregation == "mean" else p.amax(2)  # (bsz, n_kv, c, S)
-            score += p.sum(2)
+            c = step["start_pos"] + r1 if causal else S
+            d = step["start_pos"] + r0 if causal else 0  # keys before d are visible to every row of the chunk
+            s = torch.matmul(xq[:, :, :, r0:r1] * scale, kT[..., :c]).float()
+            s[..., d:].masked_fill_(~mask[:, :, :, r0:r1, d:c], float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            p = p.mean(2) if self.config.gqa_aggregation == "mean" else p.amax(2)  # (bsz, n_kv, r1 - r0, c)
+            score[..., :c] += p.sum(2)
             if need_band:
                 qpos = (step["start_pos"] + torch.arange(r0, r1, device=xq.device)).view(1, 1, -1, 1)
-                band += (p * ((qpos - kpos[:, :, None, :]) < window)).sum(2)
+                band[..., :c] += (p * (kpos[:, :, None, :c] > qpos - window)).sum(2)  # qpos - kpos < window
             if observe is not None:
-                rows.append(p[observe].cpu())
+                rows.append(torch.nn.functional.pad(p[observe], (0, S - c)).cpu())
         st.score.index_add_(0, idx[valid], score.view(-1, S)[valid])
         if need_band:
             pend_rows = pending.reshape(-1)[:, None] & valid

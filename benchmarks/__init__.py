@@ -22,21 +22,8 @@ STORIES_DIR = SHARED / "models" / "stories260K"
 SMOLLM2_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 DEFAULT_TEXT = SHARED / "data" / "tinystories_valid.txt"
+LONG_TEXT = SHARED / "data" / "tinyshakespeare.txt"  # 1.1 MB: long prompts and retrieval filler
 RESULTS_DIR = REPO / "benchmarks" / "results"
-
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.gguf", "tokenizer.json")
-
-
-def default_tokenizer(ckpt_dir) -> Path:
-    """The first of tokenizer.model, tokenizer.gguf, tokenizer.json found in the checkpoint directory."""
-    ckpt_dir = Path(ckpt_dir)
-    for name in TOKENIZER_NAMES:
-        if (ckpt_dir / name).is_file():
-            return ckpt_dir / name
-    raise FileNotFoundError(
-        f"no tokenizer file ({', '.join(TOKENIZER_NAMES)}) in {ckpt_dir}; pass --tokenizer_path"
-    )
-
 
 def default_context(ckpt_dir) -> int:
     """The context the checkpoint was trained for (params.json does not hold it).
@@ -116,6 +103,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give outputs the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -77,11 +77,11 @@ import torch.nn.functional as F
 
 from benchmarks import (
     DEFAULT_TEXT,
+    LONG_TEXT,
     RESULTS_DIR,
     SMOLLM2_DIR,
     STORIES_DIR,
     default_context,
-    default_tokenizer,
     kv_allocated_bytes,
     kv_metadata_bytes,
     machine_info,
@@ -97,8 +97,9 @@ DEFAULT_BASELINES = ("special+punct+local", "special+punct+frequent", "special+p
 
 QUICK = dict(prompt_len=256, cont_len=32, n_prompts=4, gen_len=24, T=[1.0, 0.95, 0.8], bisect_iters=6,
              retrieval_fracs=(0.3, 1.0), retrieval_depths=[0.1, 0.5, 0.9], retrieval_trials=1)
-FULL = dict(prompt_len=None, cont_len=64, n_prompts=8, gen_len=64, T=[1.0, 0.98, 0.95, 0.9, 0.8],
-            bisect_iters=8, retrieval_fracs=(0.25, 0.5, 1.0), retrieval_depths=[0.1, 0.5, 0.9],
+# Sized to finish in about an hour on one CPU core with SmolLM2 (P = 2048, retrieval up to 8k).
+FULL = dict(prompt_len=None, cont_len=32, n_prompts=6, gen_len=32, T=[1.0, 0.95, 0.8],
+            bisect_iters=4, retrieval_fracs=(0.25, 0.5, 1.0), retrieval_depths=[0.1, 0.5, 0.9],
             retrieval_trials=1)
 
 NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Anna", "Tim", "Lucy", "Jack", "Emma"]
@@ -696,11 +697,13 @@ def parse_args(argv=None):
                    help=f"native checkpoint (default: {SMOLLM2_DIR.relative_to(SMOLLM2_DIR.parents[1])} when "
                         f"present, else ../shared/models/stories260K; --quick: stories260K)")
     p.add_argument("--tokenizer_path", default=None,
-                   help="default: the first of tokenizer.model, tokenizer.gguf, tokenizer.json in --ckpt_dir")
-    p.add_argument("--text", default=str(DEFAULT_TEXT), help="text file for prompts and retrieval filler")
+                   help="default: tokenizer.model or tokenizer.gguf in --ckpt_dir")
+    p.add_argument("--text", default=None,
+                   help=f"text file for prompts and retrieval filler (default: {DEFAULT_TEXT.name} when it holds "
+                        f"N disjoint prompt windows, else {LONG_TEXT.name})")
     p.add_argument("--max_seq_len", type=int, default=None, help="model context (default: from the checkpoint)")
     p.add_argument("--prompt_len", "-P", type=int, default=None,
-                   help="prompt tokens (default: min(1024, 0.6 * context); --quick 256)")
+                   help="prompt tokens (default: min(2048, context / 2); --quick 256)")
     p.add_argument("--cont_len", "-C", type=int, default=None, help="teacher-forced tokens (64; --quick 32)")
     p.add_argument("--n_prompts", "-N", type=int, default=None, help="prompts (8; --quick 4)")
     p.add_argument("--gen_len", type=int, default=None, help="greedy tokens per prompt (64; --quick 24)")
@@ -726,7 +729,8 @@ def parse_args(argv=None):
     p.add_argument("--no_greedy", action="store_true", help="skip greedy generation agreement")
     p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                    help="prepend BOS to prompts (auto: when the tokenizer expects it)")
-    p.add_argument("--max_batch_tokens", type=int, default=16384, help="prompt tokens per batch")
+    p.add_argument("--max_batch_tokens", type=int, default=8192,
+                   help="prompt tokens per batch (the prefill holds a (batch, heads, L, L) score map)")
     p.add_argument("--no_replay", action="store_true", help="run every setting's prefill through the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick 1)")
@@ -749,12 +753,13 @@ def main(argv=None) -> Dict:
 
     from adaptive_kv_cache.config import resolve_kv_config
     from llama.generation import Llama
+    from llama.tokenizer import find_tokenizer
 
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else (
         STORIES_DIR if args.quick or not (SMOLLM2_DIR / "params.json").is_file() else SMOLLM2_DIR)
-    tok_path = Path(args.tokenizer_path) if args.tokenizer_path else default_tokenizer(ckpt)
+    tok_path = Path(args.tokenizer_path) if args.tokenizer_path else Path(find_tokenizer(str(ckpt)))
     ctx = args.max_seq_len or default_context(ckpt)
-    P = args.prompt_len or d["prompt_len"] or min(1024, int(0.6 * ctx))
+    P = args.prompt_len or d["prompt_len"] or min(2048, ctx // 2)
     C = args.cont_len or d["cont_len"]
     N = args.n_prompts or d["n_prompts"]
     G = 0 if args.no_greedy else (args.gen_len or d["gen_len"])
@@ -782,6 +787,9 @@ def main(argv=None) -> Dict:
     stop = set(tok.stop_tokens) | ({tok.eos_id} if getattr(tok, "eos_id", -1) >= 0 else set())
 
     t0 = time.perf_counter()
+    if args.text is None:  # TinyStories suits the TinyStories model but is too short for long disjoint prompts
+        stream = token_stream(tok, DEFAULT_TEXT, N * (P + C + 1))
+        args.text = str(DEFAULT_TEXT) if len(stream) >= N * (P + C + 1) else str(LONG_TEXT)
     stream = token_stream(tok, args.text, N * (P + C + 1))
     batches, overlap = quality_batches(stream, bos, P, C, N, args.max_batch_tokens)
     gbatches = [Batch(tokens=b.tokens[:, :P], prompt_len=P, steps=max(G - 1, 0)) for b in batches]

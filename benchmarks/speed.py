@@ -46,7 +46,6 @@ from benchmarks import (
     RESULTS_DIR,
     SMOLLM2_DIR,
     STORIES_DIR,
-    default_tokenizer,
     kv_allocated_bytes,
     machine_info,
     now_iso,
@@ -77,36 +76,26 @@ def _sync(device: str) -> None:
 def build_model(name: str, args, max_seq_len: int):
     """A Llama (model + tokenizer) and a description of it; None when a checkpoint is missing."""
     from llama.generation import Llama
-    from llama.tokenizer import load_tokenizer
+    from llama.tokenizer import find_tokenizer, load_tokenizer
 
     device = args.device
     if name in CHECKPOINTS or Path(name).is_dir():
         ckpt = Path(CHECKPOINTS.get(name, name))
         if not (ckpt / "params.json").is_file():
             return None, {"name": name, "skipped": f"no checkpoint at {ckpt}"}
-        llama = Llama.build(str(ckpt), str(default_tokenizer(ckpt)), max_seq_len=max_seq_len, max_batch_size=1,
+        llama = Llama.build(str(ckpt), find_tokenizer(str(ckpt)), max_seq_len=max_seq_len, max_batch_size=1,
                             seed=args.seed, device=device)
         info = {"name": name, "kind": "checkpoint", "ckpt_dir": str(ckpt)}
     elif name in RANDOM_SHAPES:
-        from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
-
-        from llama.generation import _init_distributed
-        from llama.model import ModelArgs, Transformer
+        from llama.generation import build_transformer, setup_model_parallel
+        from llama.model import ModelArgs
 
         shape = dict(RANDOM_SHAPES[name])
         tok_path = shape.pop("tokenizer")
-        _init_distributed()
-        if not model_parallel_is_initialized():
-            initialize_model_parallel(1)
+        setup_model_parallel()
         torch.manual_seed(args.seed)
         margs = ModelArgs(n_layers=args.layers, max_seq_len=max_seq_len, max_batch_size=1, **shape)
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = Transformer(margs)
-        finally:
-            torch.set_default_dtype(default)
+        model = build_transformer(margs, torch.float32 if device == "cpu" else torch.bfloat16)
         with torch.no_grad():
             for p_name, p in model.named_parameters():
                 if p.dim() >= 2:  # linear and embedding weights (the layers leave them uninitialised)

@@ -82,6 +82,25 @@ def _init_distributed() -> None:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def setup_model_parallel(model_parallel_size: Optional[int] = None) -> None:
+    """Joins (or makes) the process group and sets up fairscale's model-parallel groups once."""
+    _init_distributed()
+    if not model_parallel_is_initialized():
+        if model_parallel_size is None:
+            model_parallel_size = int(os.environ.get("WORLD_SIZE", 1))
+        initialize_model_parallel(model_parallel_size)
+
+
+def build_transformer(model_args: ModelArgs, dtype: torch.dtype) -> Transformer:
+    """A Transformer whose parameters are created in `dtype` (the caller's default dtype is left as it was)."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Transformer(model_args)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 class Llama:
     @staticmethod
     def build(
@@ -130,11 +149,7 @@ class Llama:
             )
         params = load_params(ckpt)
 
-        _init_distributed()
-        if not model_parallel_is_initialized():
-            if model_parallel_size is None:
-                model_parallel_size = int(os.environ.get("WORLD_SIZE", 1))
-            initialize_model_parallel(model_parallel_size)
+        setup_model_parallel(model_parallel_size)
 
         if len(checkpoints) != get_model_parallel_world_size():
             raise ValueError(
@@ -169,12 +184,7 @@ class Llama:
             )
         checkpoint = torch.load(checkpoints[get_model_parallel_rank()], map_location="cpu", weights_only=True,
                                 mmap=True)
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = Transformer(model_args)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        model = build_transformer(model_args, dtype)
         try:
             model.load_state_dict(checkpoint, strict=True)
         except RuntimeError as e:

@@ -178,3 +178,26 @@ def test_speed_outputs(speed):
         assert len(list(csv.DictReader(f))) == len(rows)
     # real text compresses on stories260K
     assert any(r["mem_ratio"] < 1.0 for r in rows if r["model"] == "stories260K" and r["setting"] != "uncompressed")
+
+
+def test_tables_render_the_results(quality, speed):
+    from benchmarks import tables
+
+    q_out, q = quality
+    s_out, s = speed
+    md = tables.quality_tables(json.loads((q_out / "quality.json").read_text()))
+    lines = md.splitlines()
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| setting") and "---" not in ln]
+    n_settings = len(q["settings"])
+    assert len(rows) == 2 * n_settings  # the main table and the retrieval table, one row per setting each
+    assert rows[0].startswith("| uncompressed | 1.000 | 1.0000 | 1.000 | 0.0000 | 1.000 |")
+    t95 = _rows(q)["fastgen T=0.95"]
+    assert f"| fastgen T=0.95 | {t95['mem_ratio']:.3f} | {t95['ppl_ratio']:.4f} |" in md
+    sp = tables.speed_table(json.loads((s_out / "speed.json").read_text()))
+    body = [ln for ln in sp.splitlines() if ln.startswith("| ") and not ln.startswith("| model") and "---" not in ln]
+    assert len(body) == len(s["rows"]) // 2  # one row per (model, context): FastGen against uncompressed
+    fg = next(r for r in s["rows"] if r["setting"] != "uncompressed")
+    assert body[0].startswith(f"| {fg['model']} | {fg['context']} |")
+    assert f"| {fg['latency_ratio']:.2f} |" in body[0]
+    assert tables.main(["--quality", str(q_out / "quality.json"), "--speed", str(q_out / "missing.json")]) == 0
+    assert tables.main(["--quality", str(q_out / "missing.json"), "--speed", str(q_out / "missing.json")]) == 1
