@@ -16,6 +16,7 @@ head's hybrid no longer keeps ("then compress"), filling holes from the segment'
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -159,6 +160,7 @@ class FastGenCache(KVCache):
         self._observed: Optional[torch.Tensor] = None
         self._prompt_special: Optional[List[torch.Tensor]] = None
         self._step = None
+        self.profiling_seconds = 0.0  # wall time of the work that only profiling needs (statistics, choice)
 
     # --- per forward pass -------------------------------------------------------------------------------------
 
@@ -271,13 +273,18 @@ class FastGenCache(KVCache):
 
         pending = st.choice.view(bsz, n_kv) < 0
         frequent = st.flags[:, BASIC_ORDER.index("frequent")].view(bsz, n_kv)
-        if bool((pending | frequent).any()):
+        profiling = bool(pending.any())
+        if profiling:
+            t0 = self._clock(xq)
+        if profiling or bool(frequent.any()):
             self._accumulate(layer_id, st, xq, keys, kpos, mask, idx, valid, pending)
 
         n_now = start_pos + seqlen
         finishing = (step["finishing"][:, None] & pending).reshape(-1)  # (n_seg,)
         if bool(finishing.any()):
             self._profile(layer_id, st, idx, valid, finishing, n_now)
+        if profiling:
+            self.profiling_seconds += self._clock(xq) - t0
         active = (st.choice >= 0) & ~finishing
         if bool(active.any()):
             idx, valid = st.view_index()
@@ -289,6 +296,12 @@ class FastGenCache(KVCache):
                 if bool(loose.any()):
                     st.relayout(torch.zeros_like(st.len), slack, resize=loose)
         return keys, values, mask
+
+    @staticmethod
+    def _clock(x: torch.Tensor) -> float:
+        if x.is_cuda:  # kernels run asynchronously: time what they did, not their launch
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
 
     def _accumulate(self, layer_id, st, xq, keys, kpos, mask, idx, valid, pending):
         """Adds this pass's attention (aggregated over each query group) to every slot's score and band."""

@@ -174,6 +174,10 @@ def test_speed_outputs(speed):
                 assert r["timed_steps"] == result["steps"] * result["repeats"]
             assert fg["latency_ratio"] == pytest.approx(fg["step_ms_median"] / ref["step_ms_median"])
             assert fg["profiling_share"] == pytest.approx((fg["prefill_s"] - ref["prefill_s"]) / ref["prefill_s"])
+            # the cache's own clock: inside FastGen's prefill, and nothing for the uncompressed cache
+            assert ref["profiling_s"] == 0.0 and ref["profiling_share_timed"] == 0.0
+            assert 0.0 < fg["profiling_s"] < fg["prefill_s"]
+            assert fg["profiling_share_timed"] == pytest.approx(fg["profiling_s"] / ref["prefill_s"])
     with open(out / "speed.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     # real text compresses on stories260K
