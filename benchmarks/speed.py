@@ -273,6 +273,33 @@ def main(argv=None) -> Dict:
     max_seq_len = max(contexts) + warmup + n_steps + 1
     bar = progress(total=len(models) * len(contexts) * len(caches) * repeats, desc="speed", unit="run",
                    disable=args.no_progress)
+    out = Path(args.out)
+
+    def save(complete: bool) -> Dict:
+        """Writes what has been measured so far (a long run that is stopped keeps its finished rows)."""
+        result = {
+            "benchmark": "speed",
+            "complete": complete,
+            "created": now_iso(),
+            "argv": list(argv) if argv is not None else sys.argv[1:],
+            "quick": args.quick,
+            "machine": {**machine, "load_avg_1m_end": machine_info(args.device).get("load_avg_1m")},
+            "models": model_infos,
+            "contexts": contexts, "steps": n_steps, "warmup": warmup, "repeats": repeats, "batch": 1,
+            "prefill_chunk": args.prefill_chunk,
+            "fastgen_base_config": base.to_dict(),
+            "rows": rows,
+            "total_s": time.perf_counter() - t_start,
+        }
+        write_json(out / "speed.json", result)
+        csv_rows = []
+        for r in rows:
+            c = {k: v for k, v in r.items() if k != "prefill_s_all"}
+            c["policy_mix"] = ";".join(f"{k}:{v:.4f}" for k, v in r["policy_mix"].items())
+            csv_rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in c.items()})
+        write_csv(out / "speed.csv", csv_rows)
+        return result
+
     for name in models:
         t0 = time.perf_counter()
         llama, info = build_model(name, args, max_seq_len)
@@ -321,31 +348,12 @@ def main(argv=None) -> Dict:
                 row["mem_ratio"] = row["kv_bytes"] / ref["kv_bytes"]
                 row["prefill_s_all"] = [m["prefill_s"] for m in ms]
                 rows.append(row)
+            save(complete=False)
         del llama
         gc.collect()
     bar.close()
-    total = time.perf_counter() - t_start
-    result = {
-        "benchmark": "speed",
-        "created": now_iso(),
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "quick": args.quick,
-        "machine": {**machine, "load_avg_1m_end": machine_info(args.device).get("load_avg_1m")},
-        "models": model_infos,
-        "contexts": contexts, "steps": n_steps, "warmup": warmup, "repeats": repeats, "batch": 1,
-        "prefill_chunk": args.prefill_chunk,
-        "fastgen_base_config": base.to_dict(),
-        "rows": rows,
-        "total_s": total,
-    }
-    out = Path(args.out)
-    write_json(out / "speed.json", result)
-    csv_rows = []
-    for r in rows:
-        c = {k: v for k, v in r.items() if k != "prefill_s_all"}
-        c["policy_mix"] = ";".join(f"{k}:{v:.4f}" for k, v in r["policy_mix"].items())
-        csv_rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in c.items()})
-    write_csv(out / "speed.csv", csv_rows)
+    result = save(complete=True)
+    total = result["total_s"]
     if rows and not args.no_plot:
         plot(result, out / "speed.png")
     m = result["machine"]

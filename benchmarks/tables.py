@@ -19,6 +19,10 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
 def _mix(mix: Optional[Dict[str, float]]) -> str:
     if not mix:
         return "-"
@@ -41,7 +45,7 @@ def quality_tables(q: Dict) -> str:
     out: List[str] = [
         f"{m['name']} ({m['n_params'] / 1e6:.1f}M parameters, {m['dtype']}), text {Path(q['text']).name}: "
         f"{q['n_prompts']} prompts of P={q['prompt_len']} tokens, C={q['cont_len']} teacher-forced tokens each, "
-        f"{G} greedy tokens; {q['timings_s'].get('total', 0) / 60:.0f} min "
+        f"{G} greedy tokens; {_duration(q['timings_s'].get('total', 0))} "
         f"({q['machine'].get('torch_threads')} thread(s), {q['machine'].get('cpu_model') or q['machine']['machine']})."
         + ("" if q.get("complete", True) else f" **Unfinished** (stage: {q.get('stage')}).")
     ]
@@ -82,7 +86,8 @@ def speed_table(s: Dict) -> str:
     mach = s["machine"]
     out = [f"{mach.get('cpu_model') or mach['machine']}, {mach['device']}, {mach.get('torch_threads')} thread(s), "
            f"torch {mach['torch']}; batch {s['batch']}, {s['steps']} timed steps after {s['warmup']} warm-up, "
-           f"{s['repeats']} repeat(s); {s.get('total_s', 0) / 60:.0f} min.", "",
+           f"{s['repeats']} repeat(s); {_duration(s.get('total_s', 0))}."
+           + ("" if s.get("complete", True) else " **Unfinished**: the rows measured before it was stopped."), "",
            "| model | context | uncompressed step ms | FastGen step ms | latency ratio | tokens/s ratio | "
            "KV memory ratio | prefill s (uncompressed) | profiling, timed in the cache | profiling, prefill "
            "difference | policy mix |",

@@ -155,6 +155,7 @@ def test_speed_outputs(speed):
     out, result = speed
     for name in ("speed.json", "speed.csv", "speed.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert json.loads((out / "speed.json").read_text())["complete"]
     m = result["machine"]
     for key in ("platform", "cpu_count", "torch", "torch_threads", "device"):
         assert key in m, key
