@@ -277,7 +277,7 @@ class FastGenCache(KVCache):
         if profiling:
             t0 = self._clock(xq)
         if profiling or bool(frequent.any()):
-            self._accumulate(layer_id, st, xq, keys, kpos, mask, idx, valid, pending)
+            self._accumulate(layer_id, st, xq, keys, kpos, mask, idx, valid, pending, profiling)
 
         n_now = start_pos + seqlen
         finishing = (step["finishing"][:, None] & pending).reshape(-1)  # (n_seg,)
@@ -303,7 +303,7 @@ class FastGenCache(KVCache):
             torch.cuda.synchronize(x.device)
         return time.perf_counter()
 
-    def _accumulate(self, layer_id, st, xq, keys, kpos, mask, idx, valid, pending):
+    def _accumulate(self, layer_id, st, xq, keys, kpos, mask, idx, valid, pending, need_band: bool):
         """Adds this pass's attention (aggregated over each query group) to every slot's score and band."""
         step = self._step
         bsz, n_kv, n_rep, seqlen, head_dim = xq.shape
@@ -312,12 +312,11 @@ class FastGenCache(KVCache):
         score = torch.zeros(bsz, n_kv, S, dtype=torch.float32, device=xq.device)
         band = torch.zeros_like(score)
         observe = self.attn_for_observer
-        need_band = bool(pending.any())  # band sums only serve profiling
         rows = []
         kT = keys.unsqueeze(2).transpose(3, 4)  # (bsz, n_kv, 1, head_dim, S)
         # While every head is still reading its prompt nothing has been evicted, so slot s holds position s in
         # every segment and a row chunk only needs the keys up to its last position (half the work of L x L).
-        causal = bool(pending.all())
+        causal = need_band and bool(pending.all())
         chunk = self.config.profile_chunk
         scale = 1 / math.sqrt(head_dim)
         for r0 in range(0, seqlen, chunk):

@@ -789,8 +789,12 @@ def main(argv=None) -> Dict:
     t0 = time.perf_counter()
     if args.text is None:  # TinyStories suits the TinyStories model but is too short for long disjoint prompts
         stream = token_stream(tok, DEFAULT_TEXT, N * (P + C + 1))
-        args.text = str(DEFAULT_TEXT) if len(stream) >= N * (P + C + 1) else str(LONG_TEXT)
-    stream = token_stream(tok, args.text, N * (P + C + 1))
+        args.text = str(DEFAULT_TEXT)
+        if len(stream) < N * (P + C + 1):
+            args.text = str(LONG_TEXT)
+            stream = token_stream(tok, args.text, N * (P + C + 1))
+    else:
+        stream = token_stream(tok, args.text, N * (P + C + 1))
     batches, overlap = quality_batches(stream, bos, P, C, N, args.max_batch_tokens)
     gbatches = [Batch(tokens=b.tokens[:, :P], prompt_len=P, steps=max(G - 1, 0)) for b in batches]
     if overlap:
@@ -840,10 +844,12 @@ def main(argv=None) -> Dict:
 
     out = Path(args.out)
 
-    def save(stage: str) -> None:
+    def save(stage: str) -> Dict:
         """Writes what is known so far (a killed long run still leaves its finished stages behind)."""
-        write_json(out / "quality.json", build(stage))
+        result = build(stage)
+        write_json(out / "quality.json", result)
         write_csv(out / "quality.csv", [csv_row(r) for r in rows], COLUMNS)
+        return result
 
     # --- teacher forcing: uncompressed, FastGen -----------------------------------------------------------------
     steps_per_pass = sum(b.steps for b in batches)
@@ -980,8 +986,7 @@ def main(argv=None) -> Dict:
     timings["retrieval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    result = build("done")
-    save("done")
+    result = save("done")
     if not args.no_plot:
         plot(result, out / "quality.png")
     print(f"\nquality: {ckpt.name}, P={P}, C={C}, N={N}, G={G}; {timings['total']:.1f} s; outputs in {out}")

@@ -216,12 +216,14 @@ def plot(result: Dict, path: Path) -> None:
 
 
 def print_table(rows: List[Dict], file=sys.stdout) -> None:
-    print(f"{'model':18s} {'ctx':>6s} {'setting':16s} {'prefill_s':>9s} {'prof%':>6s} {'timed%':>6s} {'step_ms':>8s} "
+    print(f"{'model':18s} {'ctx':>6s} {'setting':16s} {'prefill_s':>9s} {'prof%':>6s} {'timed%':>6s} "
+          f"{'step_ms':>8s} "
           f"{'tok/s':>7s} {'lat_ratio':>9s} {'mem_ratio':>9s}  policies", file=file)
     for r in rows:
         mix = ",".join(f"{k}:{v:.2f}" for k, v in r["policy_mix"].items())
         print(f"{r['model'][:18]:18s} {r['context']:6d} {r['setting'][:16]:16s} {r['prefill_s']:9.3f} "
-              f"{100 * r['profiling_share']:6.1f} {100 * r['profiling_share_timed']:6.1f} {r['step_ms_median']:8.2f} {r['tokens_per_s']:7.1f} "
+              f"{100 * r['profiling_share']:6.1f} {100 * r['profiling_share_timed']:6.1f} "
+              f"{r['step_ms_median']:8.2f} {r['tokens_per_s']:7.1f} "
               f"{r['latency_ratio']:9.3f} {r['mem_ratio']:9.3f}  {mix}", file=file)
 
 
