@@ -122,8 +122,8 @@ class FastGenConfig:
                  the last must be ('full',)
     special_strings  strings whose token sub-sequences count as special tokens
     gqa_aggregation  how query heads sharing a KV head are combined while profiling: mean|max
-    growth_slack spare tokens per (sequence, KV head) segment when the packed cache re-lays out
-    profile_chunk    attention-map rows processed at once while profiling
+    evict_every  k: decode steps between evictions; a head may hold up to k - 1 tokens beyond its policy
+                 between them (k = 1: evict after every token, as the paper describes)
     """
 
     T: float = 0.95
@@ -132,8 +132,7 @@ class FastGenConfig:
     candidates: tuple[tuple[str, ...], ...] = DEFAULT_CANDIDATES
     special_strings: tuple[str, ...] = DEFAULT_SPECIAL_STRINGS
     gqa_aggregation: str = "mean"
-    growth_slack: int = 16
-    profile_chunk: int = 256
+    evict_every: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -190,8 +189,7 @@ class FastGenConfig:
         if not isinstance(self.gqa_aggregation, str) or self.gqa_aggregation not in ("mean", "max"):
             _fail(f"gqa_aggregation={self.gqa_aggregation!r} is not allowed; allowed values: 'mean', 'max'")
 
-        set_("growth_slack", _check_int("growth_slack", self.growth_slack, 1))
-        set_("profile_chunk", _check_int("profile_chunk", self.profile_chunk, 1))
+        set_("evict_every", _check_int("evict_every", self.evict_every, 1))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -238,8 +236,7 @@ class FastGenConfig:
             "candidates": [list(c) for c in self.candidates],
             "special_strings": list(self.special_strings),
             "gqa_aggregation": self.gqa_aggregation,
-            "growth_slack": self.growth_slack,
-            "profile_chunk": self.profile_chunk,
+            "evict_every": self.evict_every,
         }
 
     @property

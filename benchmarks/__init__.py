@@ -159,6 +159,35 @@ def kv_metadata_bytes(stats: Dict) -> int:
     return 0
 
 
+def peak_memory_growth(fn, device: str = "cpu") -> Optional[int]:
+    """Runs fn() and returns its peak memory growth in bytes: on CUDA the peak of allocated memory over what was
+    allocated before; on CPU the peak resident set size over the resident size before (the kernel's high-water
+    mark, reset through /proc/self/clear_refs). None where neither can be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def read(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS to the current RSS
+            f.write("5")
+        before = read("VmRSS")
+    except OSError:
+        fn()
+        return None
+    fn()
+    return read("VmHWM") - before
+
+
 def progress(iterable=None, **kw):
     """A tqdm progress bar on stderr (a no-op wrapper when tqdm is missing or disabled)."""
     disable = kw.pop("disable", False)

@@ -1,7 +1,7 @@
-"""Decode speed of the uncompressed cache and of FastGen against context length, measured in one run.
+"""Prefill and decode speed of our dense cache, FastGen and Hugging Face transformers, measured in one run.
 
     python -m benchmarks.speed --quick      # tiny random model and stories260K at 256 and 512 tokens
-    python -m benchmarks.speed              # SmolLM2-135M-Instruct and Llama-2-7B layer shapes, 1k to 8k tokens
+    python -m benchmarks.speed              # SmolLM2-135M-Instruct and one Llama-2-7B-shaped layer, 1k to 8k tokens
 
 Writes ``speed.json``, ``speed.csv`` and ``speed.png`` to ``--out`` (default ``benchmarks/results/``) and prints a
 table.
@@ -12,25 +12,27 @@ Models (``--models``):
   ``stories260K``: ``../shared/models/stories260K``. Prompts are real text (``--text``), so that FastGen's
   profiler sees real attention; tokens are repeated when the text is shorter than the context.
 * ``llama2-7b-shapes``: a randomly initialised model with Llama-2-7B layer shapes (dim 4096, 32 heads, 32 KV
-  heads, SwiGLU hidden 11008, vocab 32000, Llama 2 tokenizer) and ``--layers`` layers (default 2), float32;
+  heads, SwiGLU hidden 11008, vocab 32000, Llama 2 tokenizer) and ``--layers`` layers (default 1), float32;
   ``tiny-random``: the same construction at dim 256, 8 heads, 4 KV heads (stories260K tokenizer). Weights are
   N(0, ``--init_std``); prompts are random tokens. Random weights give nearly uniform attention, so FastGen's
-  profiler tends to keep everything (see the policy mix): these rows measure its overhead rather than its
-  savings. ``--T`` takes several thresholds.
+  profiler keeps everything (see the policy mix): these rows measure its overhead and the memory bound of the
+  prefill, not its savings.
 
-For each model and context length n (``--contexts``), every cache in turn (uncompressed first, then FastGen at
-each ``--T``; the order repeats ``--repeats`` times): prefill n tokens (in chunks of ``--prefill_chunk``, the
-same for both caches), then ``--warmup`` + ``--steps`` single-token decode steps on the same fixed tokens; each
-step is timed with ``time.perf_counter`` (synchronised on CUDA). Reported per row: prefill seconds (median over
-repeats), decode step latency (median, p10, p90 over the timed steps of all repeats), tokens/s (1 / median
-latency, batch 1), the latency ratio to the uncompressed cache in the same run (1 exactly for it), the KV memory
-after the last step and its ratio, the policy mix and mean recovery. ``profiling_share`` = (FastGen prefill -
-uncompressed prefill) / uncompressed prefill: FastGen's prefill does the model's work plus the profiling
-(attention statistics, the policy choice and the compaction), so this is the profiling cost as a share of
-prefill time. It is the difference of two timings, so on a noisy machine it carries their noise;
-``profiling_share_timed`` = ``profiling_s`` / uncompressed prefill, where ``profiling_s`` is the time the
-cache itself measured in the work only profiling needs (statistics while prompts are pending, the policy
-choice, the first compaction; ``FastGenCache.profiling_seconds``), is the steadier of the two.
+Settings: ``uncompressed`` (our dense cache), FastGen at each ``--T`` (``--evict_every`` k, default the shipped
+config's), and ``transformers`` (``LlamaForCausalLM`` with SDPA attention and its DynamicCache on the same
+weights, built by ``benchmarks.peers``; skipped with a note when transformers is not installed or with
+``--no_peer``).
+
+For each model and context length n (``--contexts``), every setting in turn prefills n tokens in one forward pass
+(logits of the last position only, for every setting); then ``--warmup`` + ``--steps`` one-token decode steps on
+the same tokens are run *interleaved* (one step of each setting, then the next), so that the load of the machine
+falls on all settings alike. Reported per row: prefill seconds and its peak memory growth (resident set size on
+CPU, via the high-water mark that /proc/self/clear_refs resets; ``max_memory_allocated`` on CUDA); what that
+growth holds beyond the KV cache (``prefill_extra_mb``: the prefill's transient memory); decode step latency
+(mean over the timed steps, which amortises FastGen's eviction every k steps; median, p10, p90 beside it);
+tokens/s (1 / mean); the ratios of prefill time and step latency to our uncompressed cache and to transformers
+(``*_vs_peer``) in the same run; KV memory after the last step and its ratio; FastGen's policy mix and mean
+recovery. Everything repeats ``--repeats`` times (medians over repeats).
 """
 
 import argparse
@@ -51,6 +53,7 @@ from benchmarks import (
     STORIES_DIR,
     kv_allocated_bytes,
     machine_info,
+    peak_memory_growth,
     now_iso,
     progress,
     save_figure,
@@ -67,7 +70,7 @@ RANDOM_SHAPES = {
 CHECKPOINTS = {"smollm2": SMOLLM2_DIR, "stories260K": STORIES_DIR}
 
 QUICK = dict(models=["tiny-random", "stories260K"], contexts=[256, 512], steps=16, warmup=2, repeats=2)
-FULL = dict(models=["smollm2", "llama2-7b-shapes"], contexts=[1024, 2048, 4096, 8192], steps=16, warmup=2,
+FULL = dict(models=["smollm2", "llama2-7b-shapes"], contexts=[1024, 2048, 4096, 8192], steps=32, warmup=4,
             repeats=1)
 
 
@@ -130,37 +133,81 @@ def prompt_tokens(llama, info: Dict, n: int, text: str, seed: int) -> List[int]:
     return bos + ids
 
 
-@torch.inference_mode()
-def measure(llama, cfg, tokens: List[int], ctx: int, n_steps: int, chunk: int, device: str) -> Dict:
-    """Prefill ctx tokens, then n_steps decode steps over the following tokens; wall-clock times."""
-    llama.set_kv_config(cfg)
-    x = torch.tensor([tokens], device=device)
-    cache = llama.new_cache([tokens[:ctx]], ctx + n_steps)
-    _sync(device)
-    t0 = time.perf_counter()
-    for s in range(0, ctx, chunk):
-        llama.model.forward(x[:, s: min(ctx, s + chunk)], s, cache)
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    steps = []
-    for i in range(n_steps):
-        pos = ctx + i
-        t = time.perf_counter()
-        llama.model.forward(x[:, pos: pos + 1], pos, cache)
-        _sync(device)
-        steps.append(time.perf_counter() - t)
-    stats = cache.memory_stats()
-    out = {"prefill_s": prefill, "steps_s": steps, "kv_bytes": kv_allocated_bytes(stats)}
-    if cfg is not None:
+class OurRunner:
+    """Our model with one cache: the uncompressed DenseKVCache (cfg None) or FastGen with `cfg`."""
+
+    def __init__(self, llama, cfg, prompt: List[int], total_len: int):
+        llama.set_kv_config(cfg)
+        self.model = llama.model
+        self.cache = llama.new_cache([prompt], total_len)
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.model.forward(x, start_pos, self.cache, last_logits_only=True)
+
+    def kv_bytes(self) -> int:
+        return kv_allocated_bytes(self.cache.memory_stats())
+
+    def describe(self) -> Dict:
+        if self.cfg is None:
+            return {"policy_mix": {"full": 1.0}, "recovery_mean": 1.0, "choice_s": 0.0}
+        stats = self.cache.memory_stats()
         total = sum(stats["total"]["policies"].values()) or 1
-        out["policy_mix"] = {k: v / total for k, v in stats["total"]["policies"].items() if v}
         recs = [r for layer in stats["heads"] for seq in layer for (_n, r) in seq if r == r]
-        out["recovery_mean"] = sum(recs) / len(recs) if recs else float("nan")
-        out["profiling_s"] = cache.profiling_seconds
-    else:
-        out["policy_mix"] = {"full": 1.0}
-        out["recovery_mean"] = 1.0
-    del cache
+        return {"policy_mix": {k: v / total for k, v in stats["total"]["policies"].items() if v},
+                "recovery_mean": sum(recs) / len(recs) if recs else float("nan"),
+                "choice_s": self.cache.method.profiling_seconds}
+
+
+class PeerRunner:
+    """transformers on the same weights (benchmarks.peers)."""
+
+    def __init__(self, hf):
+        from benchmarks.peers import HFRunner
+
+        self.runner = HFRunner(hf)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.runner.forward(x, start_pos)
+
+    def kv_bytes(self) -> int:
+        return self.runner.kv_bytes()
+
+    def describe(self) -> Dict:
+        return {"policy_mix": {"full": 1.0}, "recovery_mean": 1.0, "choice_s": 0.0}
+
+
+@torch.inference_mode()
+def measure(make_runners, tokens: List[int], ctx: int, warmup: int, n_steps: int, device: str) -> Dict[str, Dict]:
+    """Prefills every setting in turn, then runs their decode steps interleaved. Returns raw timings per setting."""
+    x = torch.tensor([tokens], device=device)
+    runners, out = {}, {}
+    for name, make in make_runners:
+        runner = make()
+        gc.collect()
+        _sync(device)
+        box = {}
+
+        def prefill():
+            t0 = time.perf_counter()
+            runner.forward(x[:, :ctx], 0)
+            _sync(device)
+            box["s"] = time.perf_counter() - t0
+
+        growth = peak_memory_growth(prefill, device)
+        runners[name] = runner
+        out[name] = {"prefill_s": box["s"], "prefill_growth": growth, "kv_after_prefill": runner.kv_bytes(),
+                     "steps_s": []}
+    for i in range(warmup + n_steps):
+        pos = ctx + i
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.forward(x[:, pos : pos + 1], pos)
+            _sync(device)
+            if i >= warmup:
+                out[name]["steps_s"].append(time.perf_counter() - t0)
+    for name, runner in runners.items():
+        out[name].update(kv_bytes=runner.kv_bytes(), **runner.describe())
     return out
 
 
@@ -169,6 +216,45 @@ def _pct(xs: List[float], q: float) -> float:
     k = (len(xs) - 1) * q
     lo, hi = int(k), min(len(xs) - 1, int(k) + 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarise(model: str, ctx: int, meas: Dict[str, List[Dict]], vocab: int) -> List[Dict]:
+    """One row per setting; ratios to our uncompressed cache and to the peer measured in the same run."""
+    MB = 2 ** 20
+    rows = []
+    for name, ms in meas.items():
+        steps = [t for m in ms for t in m["steps_s"]]
+        growth = [m["prefill_growth"] for m in ms if m["prefill_growth"] is not None]
+        peak = statistics.median(growth) if growth else None
+        kv_pre = ms[-1]["kv_after_prefill"]
+        rows.append({
+            "model": model, "context": ctx, "setting": name,
+            "prefill_s": statistics.median(m["prefill_s"] for m in ms),
+            "prefill_peak_mb": None if peak is None else peak / MB,
+            # what the prefill held beyond the KV cache it leaves and the logits it returns
+            "prefill_extra_mb": None if peak is None else (peak - kv_pre - 4 * vocab) / MB,
+            "step_ms_mean": 1e3 * statistics.fmean(steps),
+            "step_ms_median": 1e3 * statistics.median(steps),
+            "step_ms_p10": 1e3 * _pct(steps, 0.1),
+            "step_ms_p90": 1e3 * _pct(steps, 0.9),
+            "timed_steps": len(steps),
+            "kv_bytes": ms[-1]["kv_bytes"],
+            "policy_mix": ms[-1]["policy_mix"],
+            "recovery_mean": ms[-1]["recovery_mean"],
+            "choice_s": statistics.median(m["choice_s"] for m in ms),
+            "prefill_s_all": [m["prefill_s"] for m in ms],
+        })
+    ref = rows[0]
+    peer = next((r for r in rows if r["setting"] == "transformers"), None)
+    for r in rows:
+        r["tokens_per_s"] = 1e3 / r["step_ms_mean"]
+        r["latency_ratio"] = r["step_ms_mean"] / ref["step_ms_mean"]
+        r["latency_ratio_median"] = r["step_ms_median"] / ref["step_ms_median"]
+        r["prefill_ratio"] = r["prefill_s"] / ref["prefill_s"]
+        r["mem_ratio"] = r["kv_bytes"] / ref["kv_bytes"]
+        r["step_vs_peer"] = r["step_ms_mean"] / peer["step_ms_mean"] if peer else None
+        r["prefill_vs_peer"] = r["prefill_s"] / peer["prefill_s"] if peer else None
+    return rows
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -186,20 +272,15 @@ def plot(result: Dict, path: Path) -> None:
         for si, s in enumerate(settings):
             rs = sorted((r for r in rows if r["model"] == m and r["setting"] == s), key=lambda r: r["context"])
             ctx = [r["context"] for r in rs]
-            style = "-" if s == "uncompressed" else ["--", ":", "-."][(si - 1) % 3]
-            axes[0].plot(ctx, [r["step_ms_median"] for r in rs], style, color=color, marker="o",
-                         label=f"{m} {s}")
-            if s != "uncompressed":
-                axes[1].plot(ctx, [r["latency_ratio"] for r in rs], style, color=color, marker="o",
-                             label=f"{m} {s}")
-                axes[2].plot(ctx, [100 * r["profiling_share_timed"] for r in rs], style, color=color,
-                             marker="o", label=f"{m} {s} (timed in the cache)")
-                axes[2].plot(ctx, [100 * r["profiling_share"] for r in rs], style, color=color, marker="x",
-                             alpha=0.5, label=f"{m} {s} (prefill difference)")
-    axes[0].set_ylabel("decode step latency (ms, median)")
-    axes[1].set_ylabel("FastGen / uncompressed step latency")
-    axes[1].axhline(1.0, color="k", lw=0.8)
-    axes[2].set_ylabel("profiling time, % of uncompressed prefill")
+            style = ["-", "--", ":", "-."][si % 4]
+            label = f"{m} {s}"
+            axes[0].plot(ctx, [r["step_ms_mean"] for r in rs], style, color=color, marker="o", label=label)
+            axes[1].plot(ctx, [r["prefill_s"] for r in rs], style, color=color, marker="o", label=label)
+            if rs[0]["prefill_extra_mb"] is not None:
+                axes[2].plot(ctx, [r["prefill_extra_mb"] for r in rs], style, color=color, marker="o", label=label)
+    axes[0].set_ylabel("decode step latency (ms, mean)")
+    axes[1].set_ylabel("prefill (s)")
+    axes[2].set_ylabel("prefill memory beyond the KV cache (MB)")
     ticks = sorted({r["context"] for r in rows})
     for ax in axes:
         ax.set_xscale("log", base=2)
@@ -208,23 +289,26 @@ def plot(result: Dict, path: Path) -> None:
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
     mach = result["machine"]
-    fig.suptitle(f"decode speed, batch 1, {mach['device']} ({mach['cpu_model']}, {mach['torch_threads']} threads, "
+    fig.suptitle(f"batch 1, {mach['device']} ({mach['cpu_model']}, {mach['torch_threads']} threads, "
                  f"torch {mach['torch']})", fontsize=10)
     save_figure(fig, path)
     plt.close(fig)
 
 
 def print_table(rows: List[Dict], file=sys.stdout) -> None:
-    print(f"{'model':18s} {'ctx':>6s} {'setting':16s} {'prefill_s':>9s} {'prof%':>6s} {'timed%':>6s} "
-          f"{'step_ms':>8s} "
-          f"{'tok/s':>7s} {'lat_ratio':>9s} {'mem_ratio':>9s}  policies", file=file)
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    print(f"{'model':17s} {'ctx':>5s} {'setting':16s} {'prefill_s':>9s} {'pre/ours':>8s} {'pre/peer':>8s} "
+          f"{'extraMB':>8s} {'step_ms':>8s} {'step/ours':>9s} {'step/peer':>9s} {'mem':>6s}  policies", file=file)
     for r in rows:
         mix = ",".join(f"{k}:{v:.2f}" for k, v in r["policy_mix"].items())
-        print(f"{r['model'][:18]:18s} {r['context']:6d} {r['setting'][:16]:16s} {r['prefill_s']:9.3f} "
-              f"{100 * r['profiling_share']:6.1f} {100 * r['profiling_share_timed']:6.1f} "
-              f"{r['step_ms_median']:8.2f} {r['tokens_per_s']:7.1f} "
-              f"{r['latency_ratio']:9.3f} {r['mem_ratio']:9.3f}  {mix}", file=file)
+        print(f"{r['model'][:17]:17s} {r['context']:5d} {r['setting'][:16]:16s} {r['prefill_s']:9.3f} "
+              f"{r['prefill_ratio']:8.3f} {f(r['prefill_vs_peer'], '8.3f'):>8s} "
+              f"{f(r['prefill_extra_mb'], '8.1f'):>8s} {r['step_ms_mean']:8.2f} {r['latency_ratio']:9.3f} "
+              f"{f(r['step_vs_peer'], '9.3f'):>9s} {r['mem_ratio']:6.3f}  {mix}", file=file)
 
 
 def parse_args(argv=None):
@@ -235,13 +319,14 @@ def parse_args(argv=None):
                         f"(default {FULL['models']}; --quick {QUICK['models']})")
     p.add_argument("--contexts", type=int, nargs="+", default=None,
                    help=f"prompt lengths (default {FULL['contexts']}; --quick {QUICK['contexts']})")
-    p.add_argument("--steps", type=int, default=None, help="timed decode steps (16)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed decode steps first (2)")
-    p.add_argument("--repeats", type=int, default=None, help="measurements per cache and context (1; --quick 2)")
+    p.add_argument("--steps", type=int, default=None, help=f"timed decode steps ({FULL['steps']})")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed decode steps first ({FULL['warmup']})")
+    p.add_argument("--repeats", type=int, default=None, help="measurements per setting and context (1; --quick 2)")
     p.add_argument("--T", type=float, nargs="+", default=[0.95], help="FastGen thresholds")
-    p.add_argument("--layers", type=int, default=2, help="layers of the random models")
+    p.add_argument("--evict_every", type=int, default=None, help="FastGen's k (default: the shipped config's)")
+    p.add_argument("--no_peer", action="store_true", help="leave out the transformers row")
+    p.add_argument("--layers", type=int, default=1, help="layers of the random models")
     p.add_argument("--init_std", type=float, default=0.02, help="std of the random models' weights")
-    p.add_argument("--prefill_chunk", type=int, default=1024, help="prefill tokens per forward pass")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="prompt text for checkpoint models")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick 1)")
@@ -265,33 +350,35 @@ def main(argv=None) -> Dict:
     if threads:  # tiny models run faster on one thread, and far faster when other jobs share the cores
         torch.set_num_threads(threads)
     from adaptive_kv_cache.config import resolve_kv_config
+    from benchmarks import peers
 
     base = resolve_kv_config({})
+    if args.evict_every is not None:
+        base = base.replace(evict_every=args.evict_every)
     caches = [("uncompressed", None)] + [(f"fastgen T={T:g}", base.replace(T=float(T))) for T in args.T]
+    peer_version = None if args.no_peer else peers.available()
+    notes = []
+    if not args.no_peer and peer_version is None:
+        notes.append("transformers is not installed: no peer row (pip install transformers)")
+        print(f"note: {notes[-1]}", file=sys.stderr)
+    n_settings = len(caches) + (peer_version is not None)
     t_start = time.perf_counter()
     machine = machine_info(args.device)
     rows: List[Dict] = []
     model_infos: List[Dict] = []
     max_seq_len = max(contexts) + warmup + n_steps + 1
-    bar = progress(total=len(models) * len(contexts) * len(caches) * repeats, desc="speed", unit="run",
-                   disable=args.no_progress)
+    bar = progress(total=len(models) * len(contexts) * repeats, desc="speed", unit="run", disable=args.no_progress)
     out = Path(args.out)
 
     def save(complete: bool) -> Dict:
         """Writes what has been measured so far (a long run that is stopped keeps its finished rows)."""
         result = {
-            "benchmark": "speed",
-            "complete": complete,
-            "created": now_iso(),
-            "argv": list(argv) if argv is not None else sys.argv[1:],
-            "quick": args.quick,
+            "benchmark": "speed", "complete": complete, "created": now_iso(),
+            "argv": list(argv) if argv is not None else sys.argv[1:], "quick": args.quick,
             "machine": {**machine, "load_avg_1m_end": machine_info(args.device).get("load_avg_1m")},
-            "models": model_infos,
-            "contexts": contexts, "steps": n_steps, "warmup": warmup, "repeats": repeats, "batch": 1,
-            "prefill_chunk": args.prefill_chunk,
-            "fastgen_base_config": base.to_dict(),
-            "rows": rows,
-            "total_s": time.perf_counter() - t_start,
+            "models": model_infos, "contexts": contexts, "steps": n_steps, "warmup": warmup, "repeats": repeats,
+            "batch": 1, "fastgen_base_config": base.to_dict(), "peer": {"transformers": peer_version},
+            "notes": notes, "rows": rows, "total_s": time.perf_counter() - t_start,
         }
         write_json(out / "speed.json", result)
         csv_rows = []
@@ -308,59 +395,39 @@ def main(argv=None) -> Dict:
         model_infos.append(info)
         if llama is None:
             print(f"note: {info['skipped']}; skipping {name}", file=sys.stderr)
-            bar.update(len(contexts) * len(caches) * repeats)
+            notes.append(f"{info['skipped']}: {name} skipped")
+            bar.update(len(contexts) * repeats)
             continue
+        hf = peers.hf_from_native(llama.model) if peer_version else None
         info["build_s"] = time.perf_counter() - t0
         tokens = prompt_tokens(llama, info, max_seq_len, args.text, args.seed)
         with torch.inference_mode():  # warm-up
             llama.model.forward(torch.tensor([tokens[:32]], device=args.device), 0, None)
         for ctx in contexts:
-            meas: Dict[str, List[Dict]] = {s: [] for s, _ in caches}
+            total = ctx + warmup + n_steps  # what Llama.generate allocates for this prompt and these steps
+            makers = [(s, (lambda cfg=cfg, ctx=ctx, total=total: OurRunner(llama, cfg, tokens[:ctx], total)))
+                      for s, cfg in caches]
+            if hf is not None:
+                makers.append(("transformers", lambda: PeerRunner(hf)))
+            meas: Dict[str, List[Dict]] = {s: [] for s, _ in makers}
             for _ in range(repeats):
-                for s, cfg in caches:
-                    bar.set_postfix_str(f"{name} n={ctx} {s}")
-                    meas[s].append(measure(llama, cfg, tokens, ctx, warmup + n_steps, args.prefill_chunk,
-                                           args.device))
-                    bar.update(1)
-                    gc.collect()
-            ref = None
-            for s, _cfg in caches:
-                ms = meas[s]
-                steps = [t for m in ms for t in m["steps_s"][warmup:]]
-                row = {
-                    "model": name, "context": ctx, "setting": s,
-                    "prefill_s": statistics.median(m["prefill_s"] for m in ms),
-                    "step_ms_median": 1e3 * statistics.median(steps),
-                    "step_ms_p10": 1e3 * _pct(steps, 0.1),
-                    "step_ms_p90": 1e3 * _pct(steps, 0.9),
-                    "timed_steps": len(steps),
-                    "kv_bytes": ms[-1]["kv_bytes"],
-                    "policy_mix": ms[-1]["policy_mix"],
-                    "recovery_mean": ms[-1]["recovery_mean"],
-                    "profiling_s": statistics.median(m.get("profiling_s", 0.0) for m in ms),
-                }
-                row["tokens_per_s"] = 1e3 / row["step_ms_median"]
-                if ref is None:
-                    ref = row
-                row["latency_ratio"] = row["step_ms_median"] / ref["step_ms_median"]
-                row["throughput_ratio"] = row["tokens_per_s"] / ref["tokens_per_s"]
-                row["prefill_ratio"] = row["prefill_s"] / ref["prefill_s"]
-                row["profiling_share"] = (row["prefill_s"] - ref["prefill_s"]) / ref["prefill_s"]
-                row["profiling_share_timed"] = row["profiling_s"] / ref["prefill_s"]
-                row["mem_ratio"] = row["kv_bytes"] / ref["kv_bytes"]
-                row["prefill_s_all"] = [m["prefill_s"] for m in ms]
-                rows.append(row)
+                bar.set_postfix_str(f"{name} n={ctx}")
+                for s, m in measure(makers, tokens, ctx, warmup, n_steps, args.device).items():
+                    meas[s].append(m)
+                bar.update(1)
+                gc.collect()
+            rows.extend(summarise(name, ctx, meas, llama.model.params.vocab_size))
             save(complete=False)
-        del llama
+        del llama, hf
         gc.collect()
     bar.close()
     result = save(complete=True)
-    total = result["total_s"]
     if rows and not args.no_plot:
         plot(result, out / "speed.png")
     m = result["machine"]
     print(f"\nspeed: {m['platform']}, {m['cpu_model']}, {m['cpus_usable']} CPUs, torch {m['torch']} "
-          f"({m['torch_threads']} threads), device {m['device']}; {total:.1f} s; outputs in {out}")
+          f"({m['torch_threads']} threads), device {m['device']}, {n_settings} settings; {result['total_s']:.1f} s; "
+          f"outputs in {out}")
     print_table(rows)
     return result
 

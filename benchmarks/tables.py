@@ -83,26 +83,24 @@ def quality_tables(q: Dict) -> str:
 
 
 def speed_table(s: Dict) -> str:
+    """The speed table: every setting's prefill and decode, with ratios to our dense cache and to the peer."""
     mach = s["machine"]
+    peer = (s.get("peer") or {}).get("transformers")
     out = [f"{mach.get('cpu_model') or mach['machine']}, {mach['device']}, {mach.get('torch_threads')} thread(s), "
-           f"torch {mach['torch']}; batch {s['batch']}, {s['steps']} timed steps after {s['warmup']} warm-up, "
-           f"{s['repeats']} repeat(s); {_duration(s.get('total_s', 0))}."
+           f"torch {mach['torch']}" + (f", transformers {peer}" if peer else ", no transformers peer")
+           + f"; batch {s['batch']}, prefill in one pass, then {s['steps']} timed decode steps after "
+           f"{s['warmup']} warm-up, interleaved across settings, {s['repeats']} repeat(s); "
+           f"{_duration(s.get('total_s', 0))}."
            + ("" if s.get("complete", True) else " **Unfinished**: the rows measured before it was stopped."), "",
-           "| model | context | uncompressed step ms | FastGen step ms | latency ratio | tokens/s ratio | "
-           "KV memory ratio | prefill s (uncompressed) | profiling, timed in the cache | profiling, prefill "
-           "difference | policy mix |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    rows = s["rows"]
-    for r in rows:
-        if r["setting"] == "uncompressed":
-            continue
-        ref = next(x for x in rows if x["model"] == r["model"] and x["context"] == r["context"]
-                   and x["setting"] == "uncompressed")
+           "| model | context | setting | prefill s | prefill / ours | prefill / transformers | prefill MB beyond KV | "
+           "step ms (mean) | step / ours | step / transformers | KV memory ratio | policy mix |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in s["rows"]:
         out.append(
-            f"| {r['model']} | {r['context']} | {ref['step_ms_median']:.1f} | {r['step_ms_median']:.1f} | "
-            f"{r['latency_ratio']:.2f} | {r['throughput_ratio']:.2f} | {r['mem_ratio']:.3f} | "
-            f"{ref['prefill_s']:.1f} | {100 * r['profiling_share_timed']:.1f}% | {100 * r['profiling_share']:.1f}% | "
-            f"{_mix(r.get('policy_mix'))} |")
+            f"| {r['model']} | {r['context']} | {r['setting']} | {r['prefill_s']:.2f} | {r['prefill_ratio']:.2f} | "
+            f"{_fmt(r.get('prefill_vs_peer'), '.2f')} | {_fmt(r.get('prefill_extra_mb'), '.0f')} | "
+            f"{r['step_ms_mean']:.1f} | {r['latency_ratio']:.2f} | {_fmt(r.get('step_vs_peer'), '.2f')} | "
+            f"{r['mem_ratio']:.3f} | {_mix(r.get('policy_mix'))} |")
     return "\n".join(out)
 
 

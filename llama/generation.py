@@ -223,7 +223,7 @@ class Llama:
         params = self.model.params
         if self.kv_config is None:
             return DenseKVCache(params.n_layers, params.max_seq_len, capacity=total_len)
-        from adaptive_kv_cache.cache import FastGenCache
+        from adaptive_kv_cache.fastgen import FastGenCache
 
         return FastGenCache(
             self.kv_config, self.token_classes, params.n_layers, prompt_tokens, params.max_seq_len,

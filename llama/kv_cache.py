@@ -1,17 +1,25 @@
 """KV caches the attention layers talk to.
 
-The cache owns storage; attention owns the math. Each forward pass calls ``begin(tokens, start_pos)`` once,
-then every attention layer calls ``update`` once and attends to what it gets back, then ``end()``. Caches
-are created per generation for the actual batch; nothing is allocated in a constructor.
+The cache owns storage and describes it; attention owns the math; compression is a step of its own after
+attention. Each forward pass calls ``begin(tokens, start_pos)`` once; then every attention layer calls
+
+    view = cache.append(layer_id, start_pos, xk, xv)      # store the new keys/values, describe what to attend
+    output, stats = attend(xq, view, cache.stats_request(layer_id))
+    cache.after_attention(layer_id, xq, view, stats)      # e.g. accumulate statistics, evict
+
+and the pass ends with ``end()``. Caches are created per generation for the actual batch; nothing is allocated in
+a constructor.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
+from llama.attention import AttentionStats, DenseView, StatsRequest
+
 
 class KVCache:
-    """Interface of a KV cache (also the uncompressed reference implementation's base)."""
+    """Interface of a KV cache."""
 
     def begin(self, tokens: torch.Tensor, start_pos: int) -> None:
         """Called once per forward pass before the first layer.
@@ -21,24 +29,33 @@ class KVCache:
             start_pos: absolute position of tokens[:, 0].
         """
 
-    def update(
-        self, layer_id: int, start_pos: int, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stores the new keys/values of one layer and returns what the new queries attend to.
+    def append(self, layer_id: int, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
+        """Stores the new keys/values of one layer and describes what the new queries attend to.
 
         Args:
             layer_id: index of the calling layer.
             start_pos: absolute position of the first new token.
-            xq: (bsz, n_kv_heads, n_rep, seqlen, head_dim) rotated queries, grouped by KV head.
-            xk: (bsz, n_kv_heads, seqlen, head_dim) rotated keys of the new tokens.
-            xv: (bsz, n_kv_heads, seqlen, head_dim) values of the new tokens.
+            xk: (bsz, seqlen, n_kv_heads, head_dim) rotated keys of the new tokens.
+            xv: (bsz, seqlen, n_kv_heads, head_dim) values of the new tokens.
 
         Returns:
-            keys: (bsz, n_kv_heads, cache_len, head_dim)
-            values: (bsz, n_kv_heads, cache_len, head_dim)
-            mask: bool, broadcastable to (bsz, n_kv_heads, n_rep, seqlen, cache_len); True = may attend.
+            DenseView or PackedView (llama.attention) over every token the new queries may attend to,
+            the new ones included.
         """
         raise NotImplementedError
+
+    def stats_request(self, layer_id: int) -> Optional[StatsRequest]:
+        """What this layer's attention should report back (None: nothing, the fastest kernel runs)."""
+        return None
+
+    def after_attention(self, layer_id: int, xq: torch.Tensor, view, stats: Optional[AttentionStats]) -> None:
+        """Called after the layer attended: the place to accumulate statistics and to compress.
+
+        Args:
+            xq: (bsz, seqlen, n_heads, head_dim) the rotated queries.
+            view: what `append` returned.
+            stats: what attention reported for `stats_request(layer_id)`.
+        """
 
     def end(self) -> None:
         """Called once per forward pass after the last layer."""
@@ -46,11 +63,6 @@ class KVCache:
     def memory_stats(self) -> Dict:
         """Allocated and uncompressed bytes; see subclasses."""
         return {}
-
-
-def causal_mask(seqlen: int, start_pos: int, device) -> torch.Tensor:
-    """(seqlen, start_pos + seqlen) bool: query i (at start_pos + i) may attend key j when j <= start_pos + i."""
-    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(diagonal=start_pos)
 
 
 class NoCache(KVCache):
@@ -63,8 +75,8 @@ class NoCache(KVCache):
                 f"to Transformer.forward"
             )
 
-    def update(self, layer_id, start_pos, xq, xk, xv):
-        return xk, xv, causal_mask(xk.shape[2], 0, xk.device)
+    def append(self, layer_id, start_pos, xk, xv):
+        return DenseView(xk.transpose(1, 2), xv.transpose(1, 2), 0)
 
 
 class DenseKVCache(KVCache):
@@ -104,7 +116,7 @@ class DenseKVCache(KVCache):
         self._end = start_pos + tokens.shape[1]
 
     def _reserve(self, layer_id: int, needed: int, like: torch.Tensor):
-        bsz, n_kv_heads, _, head_dim = like.shape
+        bsz, _, n_kv_heads, head_dim = like.shape
         if layer_id == len(self.cache_k):
             capacity = min(self.max_seq_len, max(needed, self.initial_capacity))
             self.cache_k.append(like.new_zeros(bsz, n_kv_heads, capacity, head_dim))
@@ -117,15 +129,14 @@ class DenseKVCache(KVCache):
             self.cache_k[layer_id] = torch.nn.functional.pad(self.cache_k[layer_id], pad)
             self.cache_v[layer_id] = torch.nn.functional.pad(self.cache_v[layer_id], pad)
 
-    def update(self, layer_id, start_pos, xq, xk, xv):
-        seqlen = xk.shape[2]
-        end = start_pos + seqlen
+    def append(self, layer_id, start_pos, xk, xv):
+        end = start_pos + xk.shape[1]
         self._reserve(layer_id, end, xk)
-        self.cache_k[layer_id][:, :, start_pos:end] = xk
-        self.cache_v[layer_id][:, :, start_pos:end] = xv
+        self.cache_k[layer_id][:, :, start_pos:end] = xk.transpose(1, 2)
+        self.cache_v[layer_id][:, :, start_pos:end] = xv.transpose(1, 2)
         keys = self.cache_k[layer_id][:, :, :end]  # (bsz, n_kv_heads, cache_len, head_dim)
         values = self.cache_v[layer_id][:, :, :end]
-        return keys, values, causal_mask(seqlen, start_pos, xk.device)
+        return DenseView(keys, values, start_pos)
 
     def end(self):
         self.length = self._end

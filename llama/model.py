@@ -2,7 +2,6 @@
 # (llama/model.py); this software may be used and distributed according to the terms of the Llama 2
 # Community License Agreement where it applies to Llama weights.
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +15,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from llama.attention import attend
 from llama.kv_cache import KVCache, NoCache
 
 
@@ -154,20 +154,13 @@ class Attention(nn.Module):
 
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        # Query heads that share a KV head are grouped instead of repeating the cache (repeat_kv in
-        # upstream): a compressed cache keeps a different number of tokens per KV head.
-        xq = xq.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        xq = xq.permute(0, 2, 3, 1, 4)  # (bsz, n_local_kv_heads, n_rep, seqlen, head_dim)
-        keys, values, mask = cache.update(self.layer_id, start_pos, xq, xk.transpose(1, 2), xv.transpose(1, 2))
-        # keys, values: (bsz, n_local_kv_heads, cache_len, head_dim)
-        # mask: bool, broadcastable to (bsz, n_local_kv_heads, n_rep, seqlen, cache_len); True = may attend
-
-        scores = torch.matmul(xq, keys.unsqueeze(2).transpose(3, 4)) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values.unsqueeze(2))  # (bsz, n_local_kv_heads, n_rep, seqlen, head_dim)
-        output = output.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)
-        return self.wo(output)
+        # The cache stores the new keys/values and says what the queries attend to; attention picks the kernel
+        # from that (llama/attention.py); compression, if any, happens after attention ("attend first").
+        # GQA never repeats the cache (repeat_kv upstream): a compressed cache keeps different tokens per KV head.
+        view = cache.append(self.layer_id, start_pos, xk, xv)
+        output, stats = attend(xq, view, cache.stats_request(self.layer_id))
+        cache.after_attention(self.layer_id, xq, view, stats)
+        return self.wo(output)  # output: (bsz, seqlen, n_local_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -223,16 +216,19 @@ class Transformer(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+                last_logits_only: bool = False):
         """Logits for `tokens` placed at absolute positions start_pos .. start_pos + seqlen - 1.
 
         Args:
             tokens: (bsz, seqlen) token ids.
             start_pos: absolute position of tokens[:, 0]; the cache holds the positions before it.
             cache: the generation's KV cache; None runs a stand-alone causal pass (start_pos must be 0).
+            last_logits_only: compute the logits of the last position only (a prompt's other logits are
+                (seqlen x vocab_size) floats nobody reads).
 
         Returns:
-            torch.Tensor: (bsz, seqlen, vocab_size) float32 logits.
+            torch.Tensor: (bsz, seqlen, vocab_size) float32 logits, or (bsz, 1, vocab_size) with last_logits_only.
         """
         _bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.freqs_cis.shape[0]:
@@ -248,6 +244,8 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, cache)
+        if last_logits_only:
+            h = h[:, -1:]
         h = self.norm(h)
         output = self.output(h).float()
         cache.end()

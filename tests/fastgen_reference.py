@@ -1,32 +1,38 @@
-"""A deliberately simple FastGen reference: a full-size dense cache plus a keep mask (what cold-compress does).
+"""A deliberately plain FastGen, written from fastgen.md alone: a full-size buffer plus a keep mask (what
+cold-compress does), so it saves no memory.
 
-It saves no memory. It exists so the packed FastGenCache can be checked against the plainest reading of the
-algorithm: same policies and profiler (pure functions, unit-tested on their own), but every token stays at its
-position in a (bsz, n_kv_heads, max_len, head_dim) buffer and eviction only clears a mask bit; attention
-statistics are computed over the whole map at once, with no row chunks.
+It shares no policy, profiler or statistics code with `adaptive_kv_cache`: probabilities are recomputed here in
+float64 from the queries and the held keys, recovery is summed over the whole L x L prompt map entry by entry,
+and each head's kept set is decided in plain Python. Only the token classes (which pieces are special or
+punctuation, unit-tested on their own) are shared. The packed cache must agree with it: same logits, same
+kept positions.
 """
 
 import math
 
 import torch
 
-from adaptive_kv_cache.policies import BASIC_ORDER, Local, TokenStats, basic_policies, build_candidates, union_keep
-from adaptive_kv_cache.profiler import profile
 from adaptive_kv_cache.tokens import special_mask
+from llama.attention import EMPTY_POS, KVGroup, PackedView
 from llama.kv_cache import KVCache
+
+
+def ceil_ratio(r, n):
+    return math.ceil(r * n - 1e-9)
 
 
 class MaskedFastGenCache(KVCache):
     def __init__(self, config, classes, n_layers, prompt_tokens, max_len):
-        self.config, self.classes, self.max_len = config, classes, max_len
-        self.prompt_lens = torch.tensor([len(p) for p in prompt_tokens])
+        self.cfg, self.classes, self.max_len = config, classes, max_len
+        self.prompt_lens = [len(p) for p in prompt_tokens]
         self.prompt_special = [special_mask(torch.tensor(p), classes) for p in prompt_tokens]
-        self.candidates = build_candidates(config)
-        self.basics = basic_policies(config)
-        self.flags_of = torch.stack([c.flags() for c in self.candidates])
         self.layers = [None] * n_layers
-        self.special = torch.zeros(len(prompt_tokens), max_len, dtype=torch.bool)
+        bsz = len(prompt_tokens)
+        self.special = torch.zeros(bsz, max_len, dtype=torch.bool)
         self.punct = torch.zeros_like(self.special)
+        self.pending = [True] * bsz
+        self.since = 0  # passes since the last eviction
+        self.length = 0
 
     def begin(self, tokens, start_pos):
         end = start_pos + tokens.shape[1]
@@ -36,61 +42,121 @@ class MaskedFastGenCache(KVCache):
             hi = min(end, len(sm))
             if start_pos < hi:
                 self.special[b, start_pos:hi] |= sm[start_pos:hi]
-        self.start_pos, self.end_pos = start_pos, end
+        self.start, self.stop = start_pos, end
+        self.finishing = [p and n <= end for p, n in zip(self.pending, self.prompt_lens)]
+        decoding = any(self.finishing) or not all(self.pending)
+        self.evict = any(self.finishing) or (decoding and self.since + 1 >= self.cfg.evict_every)
 
-    def _stats(self, keep, score, n, L):
-        bsz, n_kv, S = keep.shape
-        return TokenStats(
-            valid=keep, pos=torch.arange(S).expand(bsz, n_kv, S),
-            special=self.special[:, None, :S].expand(bsz, n_kv, S), punct=self.punct[:, None, :S].expand(bsz, n_kv, S),
-            score=score, n=n, prompt_len=L.view(bsz, 1, 1).expand(bsz, n_kv, 1),
-        )
-
-    def update(self, layer_id, start_pos, xq, xk, xv):
-        bsz, n_kv, seqlen, hd = xk.shape
+    def append(self, layer_id, start_pos, xk, xv):
+        bsz, seqlen, n_kv, hd = xk.shape
         if self.layers[layer_id] is None:
-            z = xk.new_zeros(bsz, n_kv, self.max_len, hd)
             self.layers[layer_id] = {
-                "k": z, "v": z.clone(), "keep": torch.zeros(bsz, n_kv, self.max_len, dtype=torch.bool),
-                "score": torch.zeros(bsz, n_kv, self.max_len), "band": torch.zeros(bsz, n_kv, self.max_len),
-                "flags": torch.zeros(bsz, n_kv, len(BASIC_ORDER), dtype=torch.bool),
-                "choice": torch.full((bsz, n_kv), -1),
+                "k": xk.new_zeros(bsz, n_kv, self.max_len, hd), "v": xk.new_zeros(bsz, n_kv, self.max_len, hd),
+                "keep": torch.zeros(bsz, n_kv, self.max_len, dtype=torch.bool),
+                "score": torch.zeros(bsz, n_kv, self.max_len, dtype=torch.float64),
+                "prompt_map": [[None] * n_kv for _ in range(bsz)],  # (L, L) aggregated prompt attention
+                "policy": [[None] * n_kv for _ in range(bsz)],  # chosen candidate (tuple of names)
             }
         st = self.layers[layer_id]
-        end = self.end_pos
-        st["k"][:, :, start_pos:end] = xk
-        st["v"][:, :, start_pos:end] = xv
-        st["keep"][:, :, start_pos:end] = True
-        keys, values, keep = st["k"][:, :, :end], st["v"][:, :, :end], st["keep"][:, :, :end]
-        qpos = torch.arange(start_pos, end)
-        mask = keep[:, :, None, None, :] & (torch.arange(end)[None, :] <= qpos[:, None])
-        # mask: (bsz, n_kv, 1, seqlen, end)
+        st["k"][:, :, start_pos:self.stop] = xk.transpose(1, 2)
+        st["v"][:, :, start_pos:self.stop] = xv.transpose(1, 2)
+        st["keep"][:, :, start_pos:self.stop] = True
+        keep = st["keep"][:, :, : self.stop].reshape(bsz * n_kv, self.stop)
+        pos = torch.where(keep, torch.arange(self.stop, dtype=torch.int32), EMPTY_POS)
+        bias = torch.zeros(pos.shape).masked_fill_(~keep, float("-inf"))
+        group = KVGroup(st["k"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd),
+                        st["v"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd), pos,
+                        torch.arange(bsz * n_kv), (0, bsz * n_kv), bias)
+        return PackedView([group], start_pos, n_kv)
 
-        s = torch.matmul(xq, keys.unsqueeze(2).transpose(3, 4)) / math.sqrt(hd)
-        p = torch.softmax(s.float().masked_fill(~mask, float("-inf")), dim=-1)
-        p = p.mean(2) if self.config.gqa_aggregation == "mean" else p.amax(2)  # (bsz, n_kv, seqlen, end)
-        st["score"][:, :, :end] += p.sum(2)
-        window = Local(self.config.r_l).window(self.prompt_lens).view(bsz, 1, 1, 1)
-        in_band = (qpos.view(1, 1, -1, 1) - torch.arange(end).view(1, 1, 1, -1)) < window
-        pending = st["choice"] < 0
-        st["band"][:, :, :end] += (p * in_band).sum(2) * pending[..., None]
+    def after_attention(self, layer_id, xq, view, stats):
+        st = self.layers[layer_id]
+        bsz, seqlen, n_heads, hd = xq.shape
+        n_kv = st["k"].shape[1]
+        n_rep = n_heads // n_kv
+        end = self.stop
+        for b in range(bsz):
+            for h in range(n_kv):
+                held = st["keep"][b, h, :end]
+                q = xq[b, :, h * n_rep : (h + 1) * n_rep].double().transpose(0, 1)  # (n_rep, seqlen, hd)
+                s = q @ st["k"][b, h, :end].double().T / math.sqrt(hd)
+                visible = held[None, :] & (torch.arange(end)[None, :] <= torch.arange(self.start, end)[:, None])
+                p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
+                agg = p.mean(0) if self.cfg.gqa_aggregation == "mean" else p.amax(0)  # (seqlen, end)
+                st["score"][b, h, :end] += agg.sum(0)
+                if self.pending[b]:
+                    L = self.prompt_lens[b]
+                    m = st["prompt_map"][b][h]
+                    m = torch.zeros(0, L, dtype=torch.float64) if m is None else m
+                    rows = agg[: max(0, L - self.start), :L]  # the prompt's queries; keys after them see nothing
+                    rows = torch.nn.functional.pad(rows, (0, L - rows.shape[1]))
+                    st["prompt_map"][b][h] = torch.cat([m, rows])
+                if self.finishing[b]:
+                    st["policy"][b][h] = self.choose(b, st["prompt_map"][b][h])
+                if self.evict and st["policy"][b][h] is not None:
+                    st["keep"][b, h, :end] = self.kept(b, st["policy"][b][h], held, st["score"][b, h, :end])
 
-        L = self.prompt_lens
-        finishing = (L <= end)[:, None] & pending
-        if finishing.any():
-            stats = self._stats(keep & (torch.arange(end) < L.view(bsz, 1, 1)), st["score"][:, :, :end],
-                                L.view(bsz, 1, 1).expand(bsz, n_kv, 1), L)
-            choice, _ = profile(stats, st["band"][:, :, :end], self.candidates, self.config.T)
-            st["choice"] = torch.where(finishing, choice, st["choice"])
-            st["flags"][finishing] = self.flags_of[choice[finishing]]
-        active = st["choice"] >= 0
-        stats = self._stats(keep.clone(), st["score"][:, :, :end], torch.full((bsz, n_kv, 1), end), L)
-        new_keep = union_keep(st["flags"], self.basics, stats)
-        st["keep"][:, :, :end] = torch.where(active[..., None], keep & new_keep, keep)
-        return keys.clone(), values.clone(), mask
+    def end(self):
+        self.length = self.stop
+        self.pending = [p and not f for p, f in zip(self.pending, self.finishing)]
+        self.since = 0 if self.evict else self.since + 1
+
+    # --- FastGen by the definition --------------------------------------------------------------------------
+
+    def member_keeps(self, b, name, t, j, n, L, frequent_set):
+        """Whether basic policy `name` keeps key j for the query at position t (n tokens seen)."""
+        if name == "special":
+            return bool(self.special[b, j])
+        if name == "punct":
+            return bool(self.punct[b, j])
+        if name == "local":
+            return t - j < ceil_ratio(self.cfg.r_l, L)
+        if name == "frequent":
+            return j in frequent_set
+        return True  # full
+
+    def top_frequent(self, candidates, score, n):
+        """Top ceil(r_f * n) of `candidates` by score / (n - j), ties towards the older token."""
+        ranked = sorted(candidates, key=lambda j: (-float(score[j]) / max(1, n - j), j))
+        return set(ranked[: ceil_ratio(self.cfg.r_f, n)])
+
+    def choose(self, b, A):
+        """The first candidate whose recovery over the prompt map A (L x L) reaches T."""
+        L = A.shape[0]
+        t, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        frequent = torch.zeros(L, dtype=torch.bool)
+        frequent[list(self.top_frequent(range(L), A.sum(0), L))] = True
+        keeps = {"special": self.special[b, :L][None, :].expand(L, L),
+                 "punct": self.punct[b, :L][None, :].expand(L, L),
+                 "local": (t - j) < ceil_ratio(self.cfg.r_l, L),
+                 "frequent": frequent[None, :].expand(L, L),
+                 "full": torch.ones(L, L, dtype=torch.bool)}
+        causal = j <= t
+        for cand in self.cfg.candidates:
+            if self.cfg.T >= 1.0 and "full" not in cand:
+                continue
+            keep = torch.zeros(L, L, dtype=torch.bool)
+            for m in cand:
+                keep |= keeps[m]
+            if "full" in cand or float((A * (keep & causal)).sum() / A.sum()) >= self.cfg.T:
+                return cand
+        return self.cfg.candidates[-1]
+
+    def kept(self, b, cand, held, score):
+        """The held tokens the hybrid keeps once n = end tokens have been seen."""
+        n, L = self.stop, self.prompt_lens[b]
+        held_pos = held.nonzero().flatten().tolist()
+        frequent = self.top_frequent(held_pos, score, n) if "frequent" in cand else set()
+        out = torch.zeros_like(held)
+        for j in held_pos:
+            out[j] = any(self.member_keeps(b, m, n - 1, j, n, L, frequent) for m in cand)
+        return out
 
     def kept_positions(self, layer_id):
         """(bsz, n_kv) nested lists of the positions each head still holds."""
         keep = self.layers[layer_id]["keep"]
         return [[torch.nonzero(keep[b, h]).flatten().tolist() for h in range(keep.shape[1])]
                 for b in range(keep.shape[0])]
+
+    def policies(self, layer_id):
+        return [["+".join(c) for c in row] for row in self.layers[layer_id]["policy"]]

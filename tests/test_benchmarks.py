@@ -138,8 +138,10 @@ def test_quality_retrieval_and_replay(quality):
         assert set(s["retrieval_by_depth"]) == {f"{d:g}" for d in ret["depths"]}
         assert set(s["retrieval_by_length"]) == {str(L) for L in ret["lengths"]}
         assert s["retrieval_trials"] == len(ret["lengths"]) * len(ret["depths"]) * ret["trials"]
-    # replaying the recorded prefill into a compressed cache gives the same decode logits as running it
-    assert result["replay_check"]["identical"], result["replay_check"]
+    # replaying the recorded prefill into a compressed cache makes the same decisions as running it, and the
+    # same decode logits up to the rounding of the two prefill kernels
+    check = result["replay_check"]
+    assert check["ok"] and check["same_policies"] and check["max_abs_logit_diff"] < 1e-3, check
 
 
 def test_rouge_l():
@@ -162,27 +164,38 @@ def test_speed_outputs(speed):
     rows = result["rows"]
     models = {r["model"] for r in rows}
     assert models == {"tiny-random", "stories260K"}
+    peer = result["peer"]["transformers"]
+    expected = ["uncompressed", "fastgen T=0.95"] + (["transformers"] if peer else [])
     for model in models:
         for ctx in result["contexts"]:
             group = [r for r in rows if r["model"] == model and r["context"] == ctx]
-            assert [r["setting"] for r in group] == ["uncompressed", "fastgen T=0.95"]
-            ref, fg = group
-            assert ref["latency_ratio"] == 1.0 and ref["throughput_ratio"] == 1.0
-            assert ref["mem_ratio"] == 1.0 and ref["profiling_share"] == 0.0 and ref["prefill_ratio"] == 1.0
+            assert [r["setting"] for r in group] == expected
+            ref, fg = group[:2]
+            assert ref["latency_ratio"] == 1.0 and ref["prefill_ratio"] == 1.0 and ref["mem_ratio"] == 1.0
             for r in group:
-                assert r["step_ms_median"] > 0 and r["tokens_per_s"] > 0 and r["prefill_s"] > 0
-                assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+                assert r["step_ms_mean"] > 0 and r["tokens_per_s"] == pytest.approx(1e3 / r["step_ms_mean"])
+                assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"] and r["prefill_s"] > 0
                 assert r["timed_steps"] == result["steps"] * result["repeats"]
-            assert fg["latency_ratio"] == pytest.approx(fg["step_ms_median"] / ref["step_ms_median"])
-            assert fg["profiling_share"] == pytest.approx((fg["prefill_s"] - ref["prefill_s"]) / ref["prefill_s"])
-            # the cache's own clock: inside FastGen's prefill, and nothing for the uncompressed cache
-            assert ref["profiling_s"] == 0.0 and ref["profiling_share_timed"] == 0.0
-            assert 0.0 < fg["profiling_s"] < fg["prefill_s"]
-            assert fg["profiling_share_timed"] == pytest.approx(fg["profiling_s"] / ref["prefill_s"])
+                assert r["prefill_peak_mb"] is not None and r["prefill_extra_mb"] is not None
+            assert fg["latency_ratio"] == pytest.approx(fg["step_ms_mean"] / ref["step_ms_mean"])
+            assert fg["prefill_ratio"] == pytest.approx(fg["prefill_s"] / ref["prefill_s"])
+            if peer:
+                hf = group[2]
+                assert hf["step_vs_peer"] == 1.0
+                assert ref["step_vs_peer"] == pytest.approx(ref["step_ms_mean"] / hf["step_ms_mean"])
+                # same weights, same tokens, an exact-size cache of the same positions
+                assert hf["kv_bytes"] == 2 * result["models"][0 if model == "tiny-random" else 1]["params"][
+                    "n_layers"] * hf_kv_row(result, model) * (ctx + result["warmup"] + result["steps"])
     with open(out / "speed.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     # real text compresses on stories260K
-    assert any(r["mem_ratio"] < 1.0 for r in rows if r["model"] == "stories260K" and r["setting"] != "uncompressed")
+    assert any(r["mem_ratio"] < 1.0 for r in rows if r["model"] == "stories260K" and "fastgen" in r["setting"])
+
+
+def hf_kv_row(result, model):
+    """Bytes of one position's keys (or values) in one layer: n_kv_heads * head_dim * 4 (float32)."""
+    p = next(m for m in result["models"] if m["name"] == model)["params"]
+    return p["n_kv_heads"] * (p["dim"] // p["n_heads"]) * 4
 
 
 def test_tables_render_the_results(quality, speed):
@@ -200,9 +213,9 @@ def test_tables_render_the_results(quality, speed):
     assert f"| fastgen T=0.95 | {t95['mem_ratio']:.3f} | {t95['ppl_ratio']:.4f} |" in md
     sp = tables.speed_table(json.loads((s_out / "speed.json").read_text()))
     body = [ln for ln in sp.splitlines() if ln.startswith("| ") and not ln.startswith("| model") and "---" not in ln]
-    assert len(body) == len(s["rows"]) // 2  # one row per (model, context): FastGen against uncompressed
-    fg = next(r for r in s["rows"] if r["setting"] != "uncompressed")
-    assert body[0].startswith(f"| {fg['model']} | {fg['context']} |")
-    assert f"| {fg['latency_ratio']:.2f} |" in body[0]
+    assert len(body) == len(s["rows"])  # one row per (model, context, setting)
+    fg = s["rows"][1]
+    assert body[1].startswith(f"| {fg['model']} | {fg['context']} | {fg['setting']} | {fg['prefill_s']:.2f} |")
+    assert f"| {fg['step_ms_mean']:.1f} | {fg['latency_ratio']:.2f} |" in body[1]
     assert tables.main(["--quality", str(q_out / "quality.json"), "--speed", str(q_out / "missing.json")]) == 0
     assert tables.main(["--quality", str(q_out / "missing.json"), "--speed", str(q_out / "missing.json")]) == 1

@@ -34,7 +34,7 @@ def test_defaults():
     assert c.candidates == DEFAULT_CANDS
     assert c.special_strings == ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
     assert c.gqa_aggregation == "mean"
-    assert c.growth_slack == 16 and c.profile_chunk == 256
+    assert c.evict_every == json.loads(DEFAULT_CONFIG_PATH.read_text())["evict_every"] >= 1
     assert c.candidate_labels[1] == "special+punct"
     assert set(BASIC_POLICIES) == {"special", "punct", "local", "frequent", "full"}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -88,12 +88,11 @@ def test_string_candidates_and_int_numbers():
         ({"candidates": [["special"], ["special"], ["full"]]}, ["candidates[1]", "duplicates"]),
         ({"candidates": "special"}, ["candidates", "list"]),
         ({"gqa_aggregation": "median"}, ["gqa_aggregation='median'", "'mean', 'max'"]),
-        ({"growth_slack": 0}, ["growth_slack=0", "[1, inf)"]),
-        ({"growth_slack": 1.5}, ["growth_slack", "integer"]),
-        ({"profile_chunk": 0}, ["profile_chunk=0", "[1, inf)"]),
+        ({"evict_every": 0}, ["evict_every=0", "[1, inf)"]),
+        ({"evict_every": 1.5}, ["evict_every", "integer"]),
         ({"T": True}, ["T", "number", "bool"]),
         ({"T": "0.9"}, ["T", "number", "str"]),
-        ({"growth_slack": True}, ["growth_slack", "integer", "bool"]),
+        ({"evict_every": True}, ["evict_every", "integer", "bool"]),
         ({"special_strings": ["[INST]", ""]}, ["special_strings[1]", "non-empty"]),
         ({"special_strings": "[INST]"}, ["special_strings", "list"]),
     ],
@@ -124,7 +123,7 @@ def test_unknown_key_lists_known_keys():
         FastGenConfig.from_dict({"T": 0.9, "tau": 0.5})
     msg = str(ei.value)
     assert "'tau'" in msg
-    for k in ("T", "r_l", "r_f", "candidates", "special_strings", "gqa_aggregation", "growth_slack", "profile_chunk"):
+    for k in ("T", "r_l", "r_f", "candidates", "special_strings", "gqa_aggregation", "evict_every"):
         assert k in msg
     with pytest.raises(ValueError, match="'tau'"):
         FastGenConfig().replace(tau=0.5)
@@ -199,5 +198,5 @@ def test_overrides_revalidate():
         c.replace(T=1.5)
     with pytest.raises(ValueError, match="r_l=0"):
         c.with_overrides({"r_l": 0})
-    with pytest.raises(ValueError, match="growth_slack=0"):
-        c2.replace(growth_slack=0)
+    with pytest.raises(ValueError, match="evict_every=0"):
+        c2.replace(evict_every=0)

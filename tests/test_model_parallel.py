@@ -73,5 +73,10 @@ def test_two_ranks_compressed_generate_and_account_like_one(stories_llama, stori
 
     result = run_mp(stories_mp2, 2, kv_compress=True)
     assert result["tokens"] == expected
-    for key in ("kept_tokens", "raw_bytes", "allocated_bytes"):
+    for key in ("kept_tokens", "kept_bytes", "raw_bytes", "segments"):
         assert result["kv_total"][key] == total[key], key
+    # allocated bytes add each rank's own group padding and headroom (a rank groups only its heads), and the
+    # report accounts for every allocated byte on both
+    two = result["kv_total"]
+    for t in (two, total):
+        assert t["allocated_bytes"] == t["kept_bytes"] + t["slack_bytes"]

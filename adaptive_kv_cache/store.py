@@ -1,0 +1,304 @@
+"""Packed per-(sequence, KV head) storage of one layer; knows nothing of compression policies.
+
+Segment i = (sequence b, KV head h), i = b * n_kv_heads + h, holds the tokens its method keeps. Segments are stored
+in groups of similar length: group g occupies rows [base, base + n * cap) of one flat buffer per field, as an
+(n, cap) block whose first `width` columns are in use. Every field (keys, values, positions, and whatever
+per-slot fields a method registers: scores, token classes, ...) has this layout, so a group is a zero-copy
+(n, width, ...) view for attention. A segment shorter than its group's width has empty slots (position
+EMPTY_POS, bias -inf), which attention masks; they are the padding that grouping trades for fewer kernel calls,
+and they count as slack, not as kept bytes.
+
+All segments take one new token per position, so appends write the same column of every group (its `width`),
+host-known, with no search and no host-device synchronisation. `compact` is the one batched pass that drops
+slots. It reads the new lengths on the host (one synchronisation) and then either fills each segment's holes
+with its own tail slots in place (the common case: a few slots move, nothing is allocated), or, when the groups
+no longer fit (a group out of free columns, or its members' lengths drifted apart), re-groups the segments into
+new buffers.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from llama.attention import EMPTY_POS, KVGroup, PackedView, take_rows
+
+
+@dataclass
+class _Group:
+    base: int  # first flat row
+    n: int  # segments
+    cap: int  # columns allocated per segment
+    width: int  # columns in use (appends go to column `width`)
+    seg: torch.Tensor  # (n,) long segment ids, on the store's device
+    seg_range: Optional[Tuple[int, int]]  # (lo, hi) when seg == lo..hi-1
+    members: List[int]  # seg on the host
+    max_padding: int = 0  # padding slots beyond which the group is re-grouped
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        return take_rows(t, self.seg, self.seg_range)
+
+
+def plan_groups(lengths: Sequence[int], headroom: int, tolerance: float, max_groups: int) -> List[List[int]]:
+    """Splits segments into groups of similar length.
+
+    Segments sorted by length (longest first) are cut where a length falls below (1 - tolerance) x the group's
+    longest, so a group's padding is at most `tolerance` of its rows; then the two neighbouring groups whose
+    merge adds the least padding are merged until at most `max_groups` remain.
+
+    Args:
+        lengths: kept tokens per segment.
+        headroom: free columns every group gets on top of its longest segment.
+        tolerance: padding allowed inside a group, as a share of its longest segment.
+        max_groups: bound on the number of groups (kernel calls per layer).
+
+    Returns:
+        List[List[int]]: segment ids per group; each list in increasing id order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: List[List[int]] = []
+    for i in order:
+        if groups and lengths[i] >= (1.0 - tolerance) * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+
+    def rows(g: List[int]) -> int:
+        return len(g) * (lengths[g[0]] + headroom)
+
+    while len(groups) > max_groups:
+        j = min(range(len(groups) - 1), key=lambda j: rows(groups[j] + groups[j + 1]) - rows(groups[j])
+                - rows(groups[j + 1]))
+        groups[j:j + 2] = [groups[j] + groups[j + 1]]
+    return [sorted(g) for g in groups]
+
+
+class PackedStore:
+    """One layer's segments. Buffers are allocated by the first `append`, never in the constructor.
+
+    Attributes:
+        lengths: used slots per segment, on the host (appends add to it, compactions read it back).
+        positional: no slot was ever dropped and the layer is one block in segment order, so slot s of every
+            segment holds position s (the dense kernels apply).
+    """
+
+    def __init__(self, n_seg: int, fields: Dict[str, Tuple[torch.dtype, float]], tolerance: float = 0.1,
+                 max_groups: int = 4, growth: float = 1 / 16):
+        """
+        Args:
+            n_seg: segments (bsz * local KV heads).
+            fields: per-slot fields besides keys, values and positions: name -> (dtype, value of an empty slot).
+            tolerance, max_groups: grouping (see `plan_groups`).
+            growth: a re-grouped group gets at least this share of its width as free columns, so segments that
+                keep growing (full heads) are copied O(log n) times, not every `headroom` steps.
+        """
+        self.n_seg = n_seg
+        # bias: 0, or -inf on the padding of a group (decode attention adds it to the scores instead of masking)
+        self.spec: Dict[str, Tuple[Optional[torch.dtype], float]] = {
+            "k": (None, 0.0), "v": (None, 0.0), "pos": (torch.int32, EMPTY_POS), "bias": (torch.float32, 0.0),
+            **fields}
+        self.tolerance = tolerance
+        self.max_groups = max_groups
+        self.growth = growth
+        self.buf: Dict[str, torch.Tensor] = {}
+        self._dtype: Dict[str, torch.dtype] = {}
+        self._row_shape: Dict[str, Tuple[int, ...]] = {}
+        self.device: Optional[torch.device] = None
+        self.groups: List[_Group] = []
+        self._blocks: Dict[str, List[torch.Tensor]] = {}  # per field, per group: the (n, cap, ...) block
+        self._dest: Optional[torch.Tensor] = None  # (n_seg,) flat row of each segment's next append
+        self.lengths: List[int] = [0] * n_seg
+        self.positional = True
+
+    # --- layout ---------------------------------------------------------------------------------------------
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.buf)
+
+    def _allocate(self, plan: List[List[int]], caps: List[int]) -> Tuple[List[_Group], Dict[str, torch.Tensor]]:
+        """New groups and buffers for `plan` (every slot empty: position EMPTY_POS, fields their fill value)."""
+        groups, base = [], 0
+        for members, cap in zip(plan, caps):
+            lo = members[0]
+            contiguous = members == list(range(lo, lo + len(members)))
+            groups.append(_Group(base, len(members), cap, 0,
+                                 torch.tensor(members, dtype=torch.long, device=self.device),
+                                 (lo, lo + len(members)) if contiguous else None, members))
+            base += len(members) * cap
+        buf = {name: torch.full((base,) + self._row_shape[name], fill, dtype=self._dtype[name], device=self.device)
+               for name, (_, fill) in self.spec.items()}
+        return groups, buf
+
+    def _install(self, groups: List[_Group], buf: Dict[str, torch.Tensor], widths: List[int],
+                 lengths: List[int]) -> None:
+        self.groups, self.buf = groups, buf
+        self._blocks = {name: [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in groups]
+                        for name, t in buf.items()}
+        for g, w in zip(self.groups, widths):
+            g.width = w
+            padding = sum(w - lengths[i] for i in g.members)
+            g.max_padding = max(int(2 * self.tolerance * g.n * w), 2 * padding) + g.n
+        for pos, bias in zip(self.field("pos"), self.field("bias")):
+            bias.masked_fill_(pos == EMPTY_POS, float("-inf"))  # columns < width: padding; later ones stay 0
+        self._set_dest()
+
+    def _set_dest(self) -> None:
+        dest = torch.empty(self.n_seg, dtype=torch.long, device=self.device)
+        for g in self.groups:
+            dest.index_copy_(0, g.seg, g.base + g.cap * torch.arange(g.n, device=self.device) + g.width)
+        self._dest = dest
+
+    def field(self, name: str) -> List[torch.Tensor]:
+        """Per group, the (n, width, ...) view of a field."""
+        return [b[:, : g.width] for b, g in zip(self._blocks[name], self.groups)]
+
+    def view(self, start_pos: int, n_kv_heads: int) -> PackedView:
+        keys, values, pos = self.field("k"), self.field("v"), self.field("pos")
+        return PackedView([KVGroup(k, v, p, g.seg, g.seg_range, b)
+                           for k, v, p, b, g in zip(keys, values, pos, self.field("bias"), self.groups)],
+                          start_pos, n_kv_heads)
+
+    # --- writes ----------------------------------------------------------------------------------------------
+
+    def append(self, values: Dict[str, torch.Tensor], headroom: int) -> None:
+        """Appends s new slots to every segment, at column `width` of its group.
+
+        Args:
+            values: name -> (n_seg * s, ...) values of the new slots, segment-major; 'k', 'v' and 'pos' are
+                required, fields left out keep their empty value.
+            headroom: free columns to leave after the new ones when the store must (re)allocate first.
+        """
+        s = values["pos"].shape[0] // self.n_seg
+        if not self.buf:
+            self.device = values["pos"].device
+            for name, (dtype, _) in self.spec.items():
+                v = values.get(name)
+                self._dtype[name] = dtype or v.dtype
+                self._row_shape[name] = tuple(v.shape[1:]) if v is not None else ()
+            self._install(*self._allocate([list(range(self.n_seg))], [s + headroom]), [0], self.lengths)
+        elif any(g.width + s > g.cap for g in self.groups):
+            self._regroup([None] * len(self.groups), self.lengths, s + headroom)
+        idx = self._dest if s == 1 else (self._dest[:, None] + torch.arange(s, device=self._dest.device)).view(-1)
+        for name, v in values.items():
+            self.buf[name].index_copy_(0, idx, v)
+        self._dest += s
+        for g in self.groups:
+            g.width += s
+        self.lengths = [n + s for n in self.lengths]
+
+    def compact(self, keep: List[Optional[torch.Tensor]], headroom: int) -> List[int]:
+        """Drops the slots `keep` does not keep, leaving at least `headroom` free columns per group.
+
+        Args:
+            keep: per group, (n, width) bool over its view (None: keep all of that group).
+            headroom: free columns every group needs after the compaction.
+
+        Returns:
+            List[int]: used slots per segment afterwards (read on the host: one synchronisation).
+        """
+        masks = [None if k is None else k & (p != EMPTY_POS) for k, p in zip(keep, self.field("pos"))]
+        counts = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        for g, m in zip(self.groups, masks):
+            if m is not None:
+                counts.index_copy_(0, g.seg, m.sum(1))
+        lengths = counts.tolist()
+        if lengths != self.lengths:
+            self.positional = False
+        if self._fits(lengths, headroom):
+            for i, (g, m) in enumerate(zip(self.groups, masks)):
+                if m is not None:
+                    self._fill_holes(i, m, max(lengths[j] for j in g.members))
+            self._set_dest()
+        else:
+            self._regroup(masks, lengths, headroom)
+        self.lengths = lengths
+        return lengths
+
+    def free_limit(self, width: int, headroom: int) -> int:
+        """Most free columns a group of this width may keep: twice what a re-grouping gives it."""
+        return 2 * max(headroom, int(self.growth * width)) + 1
+
+    def _fits(self, lengths: List[int], headroom: int) -> bool:
+        """The current groups can take the new lengths: free columns for `headroom` appends but not many more
+        (memory freed by evictions must be given back), and each group's padding within twice what grouping
+        allowed when it was made."""
+        for g in self.groups:
+            longest = max(lengths[i] for i in g.members)
+            if not headroom <= g.cap - longest <= self.free_limit(longest, headroom):
+                return False
+            if sum(longest - lengths[i] for i in g.members) > g.max_padding:
+                return False
+        return True
+
+    def _fill_holes(self, i: int, keep: torch.Tensor, width: int) -> None:
+        """In place: each segment's kept slots beyond its new length move into its holes before it (dropped
+        slots or padding); the freed columns become padding (before `width`) or free space (from `width` on).
+
+        Args:
+            i: the group.
+            keep: (n, g.width) bool, kept used slots.
+            width: the group's new width (its longest segment).
+        """
+        g = self.groups[i]
+        n, old = keep.shape
+        cols = torch.arange(old, device=keep.device)
+        inside = cols < keep.sum(1, keepdim=True)
+        flat = g.base + g.cap * torch.arange(n, device=keep.device)[:, None] + cols
+        holes = flat[~keep & inside]  # row-major, and per row as many holes as movers
+        movers = flat[keep & ~inside]
+        freed = flat[~inside]
+        for name, t in self.buf.items():
+            if name == "bias":
+                continue
+            t.index_copy_(0, holes, t.index_select(0, movers))
+            if name not in ("k", "v"):  # stale keys and values are never read: positions and bias mask them
+                t.index_fill_(0, freed, self.spec[name][1])
+        # 0 where a segment holds a token or an append will go, -inf on the padding before `width`
+        bias = self._blocks["bias"][i][:, :old]
+        bias.copy_(torch.where(inside | (cols >= width), 0.0, float("-inf")))
+        g.width = width
+
+    def _regroup(self, masks: List[Optional[torch.Tensor]], lengths: List[int], headroom: int) -> None:
+        """Moves the kept slots into new buffers, grouped by the new lengths; slot order inside a segment is
+        preserved (a segment that keeps everything stays in position order)."""
+        plan = plan_groups(lengths, headroom, self.tolerance, self.max_groups)
+        widths = [max(lengths[i] for i in members) for members in plan]
+        caps = [w + max(headroom, int(self.growth * w)) for w in widths]
+        groups, buf = self._allocate(plan, caps)
+        # flat destination row of slot r of segment i: its group's base + member index * cap + r
+        seg_row = torch.empty(self.n_seg, dtype=torch.long, device=self.device)
+        for g in groups:
+            seg_row.index_copy_(0, g.seg, g.base + g.cap * torch.arange(g.n, device=self.device))
+        src, dst = [], []
+        for g, m, p in zip(self.groups, masks, self.field("pos")):
+            m = (p != EMPTY_POS) if m is None else m
+            # slot r of row i goes to its segment's new row start + its rank among the kept slots of row i
+            dst.append((torch.cumsum(m, 1) - 1 + g.rows(seg_row)[:, None])[m])
+            src.append((g.base + g.cap * torch.arange(g.n, device=m.device)[:, None]
+                        + torch.arange(m.shape[1], device=m.device))[m])
+        src, dst = torch.cat(src), torch.cat(dst)
+        for name, t in self.buf.items():
+            if name != "bias":
+                buf[name].index_copy_(0, dst, t.index_select(0, src))
+        if self.positional and not (len(plan) == 1 and plan[0] == list(range(self.n_seg))):
+            self.positional = False
+        self._install(groups, buf, widths, lengths)
+
+    def drop_field(self, name: str) -> None:
+        """Frees a per-slot field nobody needs any more."""
+        for d in (self.spec, self.buf, self._dtype, self._row_shape, self._blocks):
+            d.pop(name, None)
+
+    # --- accounting ------------------------------------------------------------------------------------------
+
+    def nbytes(self, names: Sequence[str]) -> int:
+        return sum(self.buf[n].numel() * self.buf[n].element_size() for n in names if n in self.buf)
+
+    def slot_positions(self, seg: int) -> List[int]:
+        """Sorted positions held by one segment (tests and debugging)."""
+        for g, p in zip(self.groups, self.field("pos")):
+            if seg in g.members:
+                row = p[g.members.index(seg)]
+                return sorted(row[row != EMPTY_POS].tolist())
+        raise IndexError(seg)
