@@ -37,6 +37,10 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]  # not required
 
 
+#: Prompt tokens per forward pass in `generate`: long prompts are fed in chunks so that the activations and
+#: logits stay bounded; as long as SmolLM2's context, so the benchmarks' prompts run in one pass.
+DEFAULT_PREFILL_CHUNK = 8192
+
 PARAM_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
               "norm_eps", "rope_theta"}
 
@@ -202,6 +206,7 @@ class Llama:
         self.chat_format = chat_format_for(tokenizer)
         self.set_kv_config(kv_config)
         self.kv_stats: Optional[Dict] = None  # memory statistics of the last generation
+        self.prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK  # tokens per prompt pass (None: one pass)
         self.attention_observer = None  # callable(layer_id, maps, policies); see adaptive_kv_cache.images
 
     def set_kv_config(self, kv_config) -> None:
@@ -308,7 +313,7 @@ class Llama:
                 )
 
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, cache)
+            logits, prev_pos = self._forward(tokens, prev_pos, cur_pos, cache, token_logprobs if logprobs else None)
             if temperature > 0:
                 probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
                 next_token = sample_top_p(probs, top_p)
@@ -350,6 +355,31 @@ class Llama:
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return (out_tokens, out_logprobs if logprobs else None)
+
+    def _forward(self, tokens: torch.Tensor, start: int, end: int, cache, token_logprobs=None):
+        """Feeds tokens[:, start:end] in passes of at most `prefill_chunk` tokens.
+
+        A long prompt's activations, attention tiles and logits stay bounded by the chunk, not the prompt.
+
+        Args:
+            tokens: (bsz, total_len) token ids.
+            token_logprobs: (bsz, total_len) filled for every pass but the last (whose targets may not be known
+                yet), or None (then only the last position's logits are computed).
+
+        Returns:
+            (logits of the last pass: (bsz, its length, vocab), or (bsz, 1, vocab) without logprobs;
+             the start position of the last pass).
+        """
+        chunk = self.prefill_chunk or (end - start)
+        starts = list(range(start, end, chunk))
+        for s in starts:
+            e = min(end, s + chunk)
+            logits = self.model.forward(tokens[:, s:e], s, cache, last_logits_only=token_logprobs is None)
+            if token_logprobs is not None and s != starts[-1]:
+                token_logprobs[:, s + 1 : e + 1] = -F.cross_entropy(
+                    input=logits.transpose(1, 2), target=tokens[:, s + 1 : e + 1], reduction="none"
+                )
+        return logits, starts[-1]
 
     def text_completion(
         self,

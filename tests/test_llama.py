@@ -141,6 +141,21 @@ def test_text_completion_echo_and_logprobs(stories_llama):
     assert plain["logprobs"] == pytest.approx(echoed["logprobs"][-n:], abs=1e-6)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_prompts_fed_in_chunks_generate_like_one_pass(stories_llama, compress):
+    """generate feeds long prompts in passes of prefill_chunk tokens: same tokens and log-probabilities."""
+    from llama import Llama
+
+    prompts = [encode(stories_llama, p) for p in BATCH_PROMPTS[:2]]  # 5 and 11 tokens
+    g = Llama(stories_llama.model, stories_llama.tokenizer, kv_config={"T": 0.9} if compress else None)
+    one, one_lp = g.generate(prompts, 12, temperature=0.0, logprobs=True, echo=True)
+    g.prefill_chunk = 2  # the shortest prompt takes three passes, the last one token long
+    chunked, chunked_lp = g.generate(prompts, 12, temperature=0.0, logprobs=True, echo=True)
+    assert chunked == one
+    for a, b in zip(chunked_lp, one_lp):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 def test_chat_prompt_follows_llama2_format(stories_llama):
     tok, fmt = stories_llama.tokenizer, stories_llama.chat_format
     sys_msg, user = "Always answer with a story.", "Tell me about a cat."
