@@ -83,7 +83,7 @@ class PackedStore:
     """
 
     def __init__(self, n_seg: int, fields: Dict[str, Tuple[torch.dtype, float]], tolerance: float = 0.1,
-                 max_groups: int = 4, growth: float = 1 / 16):
+                 max_groups: int = 4, growth: float = 1 / 32):
         """
         Args:
             n_seg: segments (bsz * local KV heads).

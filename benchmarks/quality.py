@@ -733,6 +733,8 @@ def parse_args(argv=None):
                    help=f"FastGen thresholds (default {FULL['T']}; --quick {QUICK['T']})")
     p.add_argument("--r_l", type=float, default=None, help="FastGen's locality ratio (default: shipped config)")
     p.add_argument("--r_f", type=float, default=None, help="FastGen's frequency ratio (default: shipped config)")
+    p.add_argument("--evict_every", type=int, default=None,
+                   help="k: decode steps between evictions, for FastGen and the baselines (default: shipped config)")
     p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
                    help="fixed hybrids matched to FastGen's memory at each T < 1 (none: no baselines)")
     p.add_argument("--match_tol", type=float, default=0.02, help="relative memory tolerance of the matching")
@@ -793,7 +795,7 @@ def main(argv=None) -> Dict:
     show = not args.no_progress
 
     base = resolve_kv_config({})
-    over = {k: getattr(args, k) for k in ("r_l", "r_f") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("r_l", "r_f", "evict_every") if getattr(args, k) is not None}
     if over:
         base = base.replace(**over)
 

@@ -31,9 +31,14 @@ import torch.nn.functional as F
 #: Position stored in an empty slot: later than any query, so the causal test masks it.
 EMPTY_POS = torch.iinfo(torch.int32).max
 
-#: Bytes of one score tile in the tiled kernels: small enough to stay in a core's cache, large enough that the
-#: per-tile Python overhead stays a few percent (see README, "Attention kernels").
-TILE_BYTES = 2 << 20
+#: Bytes of one score tile in the tiled kernels. On a CPU: small enough to stay in a core's cache, large enough
+#: that the per-tile Python overhead stays a few percent (README, "Attention kernels"). On a GPU the cache does
+#: not decide; fewer, larger launches do, within a memory bound that is still O(rows x keys).
+TILE_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
+
+
+def tile_bytes_for(device: torch.device) -> int:
+    return TILE_BYTES.get(device.type, TILE_BYTES["cpu"])
 
 
 @dataclass
@@ -262,7 +267,7 @@ def _pool_index(n: int, bins: int, device) -> Tuple[torch.Tensor, int]:
 
 
 def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
-                      tile_bytes: int = TILE_BYTES) -> Tuple[torch.Tensor, AttentionStats]:
+                      tile_bytes: Optional[int] = None) -> Tuple[torch.Tensor, AttentionStats]:
     """Causal attention over a dense view in tiles of query rows, with statistics from the same probabilities.
 
     Each tile is a few KV heads of one sequence and a block of query rows: scores (heads x rows x keys up to the
@@ -273,12 +278,13 @@ def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
         xq: (bsz, seqlen, n_heads, head_dim) rotated queries at positions start_pos ...
         view: keys/values of positions 0 .. start_pos + seqlen - 1.
         want: the statistics to return.
-        tile_bytes: bytes of one tile's score block.
+        tile_bytes: bytes of one tile's score block (default: `tile_bytes_for` the device).
 
     Returns:
         output: (bsz, seqlen, n_heads * head_dim).
         stats: colsum/band as one group of (bsz * n_kv_heads, cache_len); the heatmap if asked for.
     """
+    tile_bytes = tile_bytes or tile_bytes_for(xq.device)
     bsz, seqlen, n_heads, head_dim = xq.shape
     n_kv, S = view.keys.shape[1], view.keys.shape[2]
     n_rep = n_heads // n_kv
@@ -339,19 +345,20 @@ def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
 
 
 def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsRequest] = None,
-                     tile_bytes: int = TILE_BYTES) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
+                     tile_bytes: Optional[int] = None) -> Tuple[torch.Tensor, Optional[AttentionStats]]:
     """Attention over ragged segments, one batched call per group (and per tile of query rows when long).
 
     Args:
         xq: (bsz, seqlen, n_heads, head_dim) rotated queries at positions start_pos ...
         view: the groups; each segment's slots may be in any order (positions say which keys a query sees).
         want: statistics to return (None: none, and SDPA computes the groups).
-        tile_bytes: bytes of one tile's score block.
+        tile_bytes: bytes of one tile's score block (default: `tile_bytes_for` the device).
 
     Returns:
         output: (bsz, seqlen, n_heads * head_dim).
         stats: per group, colsum/band (n, width) in the group's slot order; None when want is None.
     """
+    tile_bytes = tile_bytes or tile_bytes_for(xq.device)
     if xq.shape[1] == 1 and all(g.bias is not None for g in view.groups):
         return _packed_decode(xq, view, want)
     bsz, seqlen, n_heads, head_dim = xq.shape
