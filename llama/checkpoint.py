@@ -10,7 +10,6 @@ RoPE computes on interleaved pairs (2i, 2i + 1). `hf_to_native_state_dict` undoe
 """
 
 import json
-import math
 import struct
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -393,6 +392,3 @@ def human_count(n: int) -> str:
             return f"{n / div:.1f}{unit}"
     return str(n)
 
-
-def _is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
