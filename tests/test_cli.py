@@ -296,3 +296,19 @@ def test_image_folder_is_all_or_nothing(stories_llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         images.write_run_images(g, PROMPT_IDS, 0, tmp_path / "run")
     assert drawn == [0, 1] and list(tmp_path.iterdir()) == []  # neither the run folder nor a temporary one
+
+
+def test_hugging_face_folder_from_the_command_line(dist, tmp_path, capsys):
+    """--ckpt_dir takes a HF folder (config.json + safetensors + tokenizer.json) as it is."""
+    from conftest import HF_VOCAB, TINY_PARAMS, random_state_dict, write_hf_folder
+
+    params = {**TINY_PARAMS, "vocab_size": HF_VOCAB}
+    folder = write_hf_folder(tmp_path / "hf-tiny", params, random_state_dict(params, seed=7), tied=True, shards=1)
+    args = ["--ckpt_dir", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max_gen_len", "6",
+            "--dtype", "bfloat16", "--log_dir", str(tmp_path / "logs")]
+    code, out, err = run_main(example_text_completion, args, capsys)
+    assert code == 0, err
+    assert "Loaded hf-tiny (" in err and "dtype bfloat16" in err
+    run = json.loads(next((tmp_path / "logs").glob("*.json")).read_text())["run"]
+    assert run["tokenizer_path"] == str((folder / "tokenizer.json").resolve()) and run["dtype"] == "bfloat16"
+    assert run["trained_context"] == 4096
