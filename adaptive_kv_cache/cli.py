@@ -183,7 +183,10 @@ def check_common(args) -> Dict:
                         f"consolidated.00.pth, a Hugging Face folder config.json and *.safetensors)")
     if args.tokenizer_path is not None and not Path(args.tokenizer_path).is_file():
         raise UserError(f"--tokenizer_path {args.tokenizer_path}: no such file")
-    if args.save_images or save_images_requested():
+    if save_images_requested(args):
+        if args.save_images and not args.compress:
+            raise UserError("--save_images draws what FastGen's profiling saw; it needs compression (drop "
+                            "--no-compress)")
         try:
             import matplotlib  # noqa: F401
         except ImportError:

@@ -278,7 +278,7 @@ class Llama:
                 f"vocab_size={model_args.vocab_size}; pass the tokenizer that belongs to this checkpoint"
             )
         context = trained_context(ckpt, {**params, "tie_word_embeddings": tie})
-        if context is not None and max_seq_len > context:
+        if context is not None and max_seq_len > context and get_model_parallel_rank() == 0:
             print(f"warning: max_seq_len={max_seq_len} exceeds the {context} positions {ckpt.name} was trained "
                   f"on; text past position {context} is unreliable", file=sys.stderr)
         if checkpoints:
