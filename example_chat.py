@@ -39,7 +39,8 @@ def parse_args(argv: Optional[Sequence[str]]):
         epilog="Without --prompt, --dialog_file or --interactive the three demo dialogs run. Errors are one "
                "line; --debug (or ADAPTIVE_KV_DEBUG=1) shows tracebacks.",
     )
-    add_common_arguments(parser, ckpt_dir="models/SmolLM2-135M-Instruct", max_gen_len=None)
+    # 128 tokens per answer keeps the demo well under a minute on 2 CPUs; a longer answer is marked as cut
+    add_common_arguments(parser, ckpt_dir="models/SmolLM2-135M-Instruct", max_gen_len=128)
     g = parser.add_argument_group("what to say")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a user message; repeat for several dialogs (one turn each)")
@@ -104,6 +105,15 @@ def print_dialog(dialog) -> None:
         print(f"{msg['role'].capitalize()}: {msg['content']}\n")
 
 
+def cut_note(stopped: bool, args, prompt_len: int) -> str:
+    """A visible mark on an answer that ended because the length ran out, not because the model was done."""
+    if stopped:
+        return ""
+    if prompt_len + args.max_gen_len > args.max_seq_len:
+        return f" [cut at --max_seq_len {args.max_seq_len}]"
+    return f" [cut at --max_gen_len {args.max_gen_len}]"
+
+
 def run_batches(generator, run: RunRecord, args, dialogs) -> None:
     fmt = generator.chat_format
     prompt_tokens = [fmt.encode_dialog_prompt(d) for d in dialogs]
@@ -122,7 +132,7 @@ def run_batches(generator, run: RunRecord, args, dialogs) -> None:
             print("> Assistant: ", end="", flush=True)
             callback = TokenStream(generator.tokenizer, fmt.stop_tokens)
         else:
-            callback = Progress(args.max_gen_len or args.max_seq_len - min(map(len, tokens)))
+            callback = Progress(args.max_gen_len, fmt.stop_tokens, len(batch))
         start = time.time()
         results = generator.chat_completion(batch, temperature=args.temperature, top_p=args.top_p,
                                             max_gen_len=args.max_gen_len, on_token=callback)
@@ -130,16 +140,18 @@ def run_batches(generator, run: RunRecord, args, dialogs) -> None:
         answers = [r["generation"]["content"] for r in results]
         if len(batch) == 1:
             rest = answers[0][len(callback.printed):] if answers[0].startswith(callback.printed) else ""
-            print(rest)
+            print(rest + cut_note(callback.done, args, len(tokens[0])))
             print("\n==================================\n")
+            stopped = [callback.done]
         else:
             callback.close()
-            for dialog, answer in zip(batch, answers):
+            for dialog, answer, done, t in zip(batch, answers, callback.stopped, tokens):
                 print_dialog(dialog)
-                print(f"> Assistant: {answer}")
+                print(f"> Assistant: {answer}{cut_note(done, args, len(t))}")
                 print("\n==================================\n")
+            stopped = callback.stopped
         label = f"Batch {k + 1} of {n_batches}" if n_batches > 1 else "Batch"
-        paths = run.add_batch(batch, tokens, answers, seconds, label=label)
+        paths = run.add_batch(batch, tokens, answers, seconds, label=label, cut=[not s for s in stopped])
         run.report(paths, run.images(tokens, k * bs))
 
 
@@ -204,11 +216,11 @@ def interactive(generator, run: RunRecord, args) -> None:
                                            max_gen_len=args.max_gen_len, on_token=stream)
         seconds = time.time() - start
         answer = result[0]["generation"]["content"]
-        print(answer[len(stream.printed):] if answer.startswith(stream.printed) else "")
+        print((answer[len(stream.printed):] if answer.startswith(stream.printed) else "") + cut_note(stream.done, args, len(tokens)))
         print()
         history = dialog + [{"role": "assistant", "content": answer}]
         turn += 1
-        paths = run.add_batch([dialog], [tokens], [answer], seconds, label=f"Turn {turn}")
+        paths = run.add_batch([dialog], [tokens], [answer], seconds, label=f"Turn {turn}", cut=[not stream.done])
         run.report(paths, run.images([tokens], run.image_seq, subfolder=f"turn{turn:02d}"))
 
 

@@ -305,16 +305,23 @@ class TokenStream:
 
 
 class Progress:
-    """`on_token` callback showing a progress bar (tqdm, on a terminal only) while a batch is generated."""
+    """`on_token` callback showing a progress bar (tqdm, on a terminal only) while a batch is generated, and
+    noting which sequences ended with a stop token (the others were cut by max_gen_len or max_seq_len)."""
 
-    def __init__(self, total: int, desc: str = "generating"):
+    def __init__(self, total: int, stop_tokens=(), bsz: int = 0, desc: str = "generating"):
         from tqdm import tqdm
 
+        self.stop_tokens = frozenset(stop_tokens)
+        self.stopped = [False] * bsz
         self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr,
                         disable=not sys.stderr.isatty() or rank() != 0)
 
     def __call__(self, cur_pos, next_token, generated) -> None:
         self.bar.update(1)
+        if self.stop_tokens:
+            for i, (tok, live) in enumerate(zip(next_token.tolist(), generated.tolist())):
+                if live and tok in self.stop_tokens:
+                    self.stopped[i] = True
 
     def close(self) -> None:
         self.bar.close()
@@ -364,8 +371,11 @@ class RunRecord:
         self.batches: List[Dict] = []
 
     def add_batch(self, prompts: List, prompt_tokens: List[List[int]], outputs: List[str], seconds: float,
-                  label: str) -> Dict:
-        """Records one generation and writes the log; returns the paths {'md', 'json'} (rank 0) or {}."""
+                  label: str, cut: Optional[List[bool]] = None) -> Dict:
+        """Records one generation and writes the log; returns the paths {'md', 'json'} (rank 0) or {}.
+
+        `cut` marks the outputs that ended at max_gen_len (or max_seq_len) rather than at a stop token.
+        """
         from adaptive_kv_cache.report import write_logs
 
         stats = self.generator.kv_stats
@@ -374,6 +384,7 @@ class RunRecord:
             "prompts": prompts,
             "prompt_tokens": [len(t) for t in prompt_tokens],
             "outputs": outputs,
+            "cut": cut,
             "seconds": round(seconds, 3),
             "kv": stats,
         })

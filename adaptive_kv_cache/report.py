@@ -119,9 +119,10 @@ def render_run(run: Dict, batches: List[Dict], config: Optional[Dict]) -> str:
     for b in batches:
         n = len(b["prompts"])
         parts += ["", f"## {b['label']}: {n} sequence{'s' if n != 1 else ''}, {b['seconds']:.2f} s"]
+        cut = b.get("cut") or [False] * n
         for i, (prompt, length, out) in enumerate(zip(b["prompts"], b["prompt_tokens"], b["outputs"])):
             parts += ["", f"### Sequence {i} ({length} prompt tokens)", "", "Prompt:", ""] + _fence(_prompt_text(prompt))
-            parts += ["", "Output:", ""] + _fence(out)
+            parts += ["", "Output (cut by max_gen_len):" if cut[i] else "Output:", ""] + _fence(out)
         if b["kv"] is not None:
             parts += ["", "### KV cache memory", "", render_memory(b["kv"], compressed=config is not None)]
     if config is not None:

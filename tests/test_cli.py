@@ -203,9 +203,14 @@ def test_text_completion_prompts_in_batches_none_dropped(tmp_path, capsys):
 
 
 def _expected_answer(stories_llama, dialog, max_gen_len):
-    """What chat_completion answers with the CLI's default compression (greedy)."""
+    """What chat_completion answers with the CLI's default compression (greedy), as the CLI prints it: with a
+    cut mark when the answer ran into max_gen_len instead of a stop token."""
     g = Llama(stories_llama.model, stories_llama.tokenizer, kv_config={})
-    return g.chat_completion([dialog], temperature=0, max_gen_len=max_gen_len)[0]["generation"]["content"]
+    fmt = g.chat_format
+    out, _ = g.generate([fmt.encode_dialog_prompt(dialog)], max_gen_len, temperature=0, stop_tokens=fmt.stop_tokens)
+    text = g.tokenizer.decode(out[0])
+    assert text == g.chat_completion([dialog], temperature=0, max_gen_len=max_gen_len)[0]["generation"]["content"]
+    return text, "" if len(out[0]) < max_gen_len else f" [cut at --max_gen_len {max_gen_len}]"
 
 
 def test_chat_prompt_and_dialog_file(stories_llama, tmp_path, capsys):
@@ -216,12 +221,13 @@ def test_chat_prompt_and_dialog_file(stories_llama, tmp_path, capsys):
             "--log_dir", str(tmp_path / "logs")]
     code, out, err = run_main(example_chat, args, capsys)
     assert code == 0, err
-    hello = _expected_answer(stories_llama, [{"role": "user", "content": "Hello"}], 12)
-    dog = _expected_answer(stories_llama, dialog, 12)
-    assert f"User: Hello\n\n> Assistant: {hello}\n" in out
-    assert f"User: What did the dog do?\n\n> Assistant: {dog}\n" in out
+    hello, hello_cut = _expected_answer(stories_llama, [{"role": "user", "content": "Hello"}], 12)
+    dog, dog_cut = _expected_answer(stories_llama, dialog, 12)
+    assert f"User: Hello\n\n> Assistant: {hello}{hello_cut}\n" in out
+    assert f"User: What did the dog do?\n\n> Assistant: {dog}{dog_cut}\n" in out
     log = json.loads(next((tmp_path / "logs").glob("*.json")).read_text())
     assert log["batches"][0]["prompts"][1] == dialog and log["batches"][0]["outputs"] == [hello, dog]
+    assert log["batches"][0]["cut"] == [bool(hello_cut), bool(dog_cut)]
     assert log["config"]["T"] == 0.95 and "FastGen keeps" in out
 
 
@@ -229,12 +235,12 @@ def test_interactive_chat_through_stdin(stories_llama, tmp_path):
     r = run_script("example_chat.py", [*STORIES, "--interactive", "--temperature", "0", "--max_gen_len", "10",
                                        "--log_dir", str(tmp_path)], stdin="Hello\nTell me more\n/exit\n")
     assert r.returncode == 0, r.stderr
-    first = _expected_answer(stories_llama, [{"role": "user", "content": "Hello"}], 10)
+    first, first_cut = _expected_answer(stories_llama, [{"role": "user", "content": "Hello"}], 10)
     second_dialog = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
                      {"role": "user", "content": "Tell me more"}]
-    second = _expected_answer(stories_llama, second_dialog, 10)
-    assert f"User: Hello\nAssistant: {first}\n" in r.stdout
-    assert f"User: Tell me more\nAssistant: {second}\n" in r.stdout
+    second, second_cut = _expected_answer(stories_llama, second_dialog, 10)
+    assert f"User: Hello\nAssistant: {first}{first_cut}\n" in r.stdout
+    assert f"User: Tell me more\nAssistant: {second}{second_cut}\n" in r.stdout
     assert r.stdout.count("| total ave |") == 2  # the KV table after each answer
     assert r.stdout.index(first) < r.stdout.index("| total ave |") < r.stdout.index(second)
     log = json.loads(next(tmp_path.glob("*.json")).read_text())
