@@ -138,7 +138,7 @@ def apply_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
     Returns:
         torch.Tensor: (head_dim // 2,) float32 scaled frequencies.
     """
-    wavelen = 2 * math.pi / freqs
+    wavelen = 2 * torch.pi / freqs
     low_freq_wavelen = scaling.old_context_len / scaling.low_freq_factor
     high_freq_wavelen = scaling.old_context_len / scaling.high_freq_factor
     smooth = (scaling.old_context_len / wavelen - scaling.low_freq_factor) / (
