@@ -1,34 +1,41 @@
-"""KV-memory logs: the per-layer table of the seed README, policy counts, and a JSON file with the numbers.
+"""KV-memory logs: the per-layer table, policy counts, and a JSON file with the numbers and the run behind them.
 
 Kept outside the cache: it only reads `memory_stats()` dictionaries.
+
+Like with like: the table sets the bytes a cache keeps for its tokens against the bytes a dense cache holds for
+the same positions (`raw_bytes`). Capacity beyond the kept tokens is reported on its own line: the packed
+cache's growth slack, or the dense cache's preallocation (a buffer sized for prompt + max_gen_len, partly
+unused when generation stops early), which used to show up as negative savings.
 """
 
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 MB = 1024 * 1024
 
 
-def memory_table(stats: Dict) -> str:
-    """Markdown table: | layer_id | raw KV cache mem MB | compress KV cache mem MB | compress ratio % |.
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * (1.0 - part / whole) if whole else 0.0
 
-    compressed MB is what the cache allocated (slack included); compress ratio % is the share of raw memory
-    saved, 100 * (1 - compressed / raw). The `total ave` row averages the layers.
+
+def memory_table(stats: Dict) -> str:
+    """Markdown table: | layer_id | dense KV MB (same positions) | kept KV MB | saved % |.
+
+    dense = an uncompressed cache of the same positions; kept = the bytes of the tokens the cache holds;
+    saved % = 100 * (1 - kept / dense). The `total ave` row averages the layers (saved % from the totals).
     """
-    lines = ["| layer_id | raw KV cache mem MB | compress KV cache mem MB | compress ratio % |",
-             "| --- | --- | --- | --- |"]
-    ratios, raws, comps = [], [], []
+    lines = ["| layer_id | dense KV MB (same positions) | kept KV MB | saved % |", "| --- | --- | --- | --- |"]
+    raws, kepts = [], []
     for i, layer in enumerate(stats["layers"]):
-        raw, comp = layer["raw_bytes"] / MB, layer["allocated_bytes"] / MB
-        ratio = 100.0 * (1.0 - comp / raw) if raw else 0.0
-        raws.append(raw), comps.append(comp), ratios.append(ratio)
-        lines.append(f"| {i} | {raw:.4f} | {comp:.4f} | {ratio:.2f} |")
+        raw, kept = layer["raw_bytes"], layer["kept_bytes"]
+        raws.append(raw), kepts.append(kept)
+        lines.append(f"| {i} | {raw / MB:.4f} | {kept / MB:.4f} | {_pct(kept, raw):.2f} |")
     n = max(len(raws), 1)
-    lines.append(f"| total ave | {sum(raws) / n:.4f} | {sum(comps) / n:.4f} | {sum(ratios) / n:.2f} |")
+    lines.append(f"| total ave | {sum(raws) / n / MB:.4f} | {sum(kepts) / n / MB:.4f} | "
+                 f"{_pct(sum(kepts), sum(raws)):.2f} |")
     return "\n".join(lines)
 
 
@@ -42,23 +49,82 @@ def policy_table(stats: Dict) -> str:
     return "\n".join(lines)
 
 
-def summary(stats: Dict) -> str:
-    """One paragraph: totals, the saving, and the slack and metadata that come on top of the kept tokens."""
+def summary(stats: Dict, compressed: bool = True) -> str:
+    """What the cache held, against a dense cache of the same positions, and what it allocated beyond that."""
     t = stats["total"]
-    saved = 100.0 * (1.0 - t["allocated_bytes"] / t["raw_bytes"]) if t["raw_bytes"] else 0.0
+    raw, kept, alloc = t["raw_bytes"], t["kept_bytes"], t["allocated_bytes"]
+    head = f"KV cache after {stats['tokens']} positions, batch {stats['batch']}"
+    if not compressed:
+        positions = round(alloc * stats["tokens"] / raw) if raw else 0
+        return (
+            f"{head}: uncompressed, {raw} B for these positions (the dense reference: nothing saved).\n"
+            f"Dense preallocation (not a saving or a loss): {alloc} B allocated for {positions} positions "
+            f"(prompt + max_gen_len), of which {alloc - raw} B unused because generation stopped at "
+            f"{stats['tokens']}."
+        )
     return (
-        f"KV cache after {stats['tokens']} positions, batch {stats['batch']}: raw {t['raw_bytes']} B, "
-        f"allocated {t['allocated_bytes']} B ({saved:.2f}% saved); kept tokens {t['kept_tokens']} "
-        f"= {t['kept_bytes']} B, growth slack {t['slack_bytes']} B, policy metadata {t['metadata_bytes']} B "
-        f"(not in the table); peak allocated {stats['peak_allocated_bytes']} B of peak raw "
-        f"{stats['peak_raw_bytes']} B."
+        f"{head}: a dense cache holds {raw} B for these positions; FastGen keeps {kept} B "
+        f"({_pct(kept, raw):.2f}% saved).\n"
+        f"Allocated: {alloc} B = kept + {t['slack_bytes']} B growth slack ({_pct(alloc, raw):.2f}% saved counting "
+        f"it); policy metadata {t['metadata_bytes']} B on top; peak allocated {stats['peak_allocated_bytes']} B "
+        f"against a peak dense {stats['peak_raw_bytes']} B."
     )
 
 
+def render_memory(stats: Dict, compressed: bool = True) -> str:
+    """The memory part of a log (summary, per-layer table, policies when compressed), as markdown."""
+    parts = [summary(stats, compressed), "", memory_table(stats)]
+    if compressed:
+        parts += ["", "Policies per layer:", "", policy_table(stats)]
+    return "\n".join(parts)
+
+
 def render(stats: Dict, config: Optional[Dict] = None) -> str:
-    """The whole log as markdown."""
-    parts = ["# KV cache memory", "", summary(stats), "", memory_table(stats), "", "## Policies per layer", "",
-             policy_table(stats)]
+    """A memory-only log as markdown (config None = uncompressed run)."""
+    parts = ["# KV cache memory", "", render_memory(stats, compressed=config is not None)]
+    if config is not None:
+        parts += ["", "## Configuration", "", "```json", json.dumps(config, indent=1), "```"]
+    return "\n".join(parts) + "\n"
+
+
+def _fence(text: str) -> List[str]:
+    return ["````text", text, "````"]
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)  # a dialog
+
+
+def render_run(run: Dict, batches: List[Dict], config: Optional[Dict]) -> str:
+    """The log of a whole run: what ran (command, model, files, device, settings), then each batch's prompts,
+    outputs and KV memory."""
+    s = run["settings"]
+    rows = [
+        ("command", f"`{run['command']}`"),
+        ("model", run["model"]),
+        ("checkpoint", run["ckpt_dir"]),
+        ("tokenizer", run["tokenizer_path"]),
+        ("trained context", run["trained_context"] if run["trained_context"] else "not known"),
+        ("device, dtype, threads", f"{run['device']}, {run['dtype']}, {run['threads']}"
+                                   + (f", {run['model_parallel']} model-parallel ranks"
+                                      if run["model_parallel"] > 1 else "")),
+        ("settings", ", ".join(f"{k}={v}" for k, v in s.items())),
+        ("KV cache", f"FastGen T={config['T']:g} r_l={config['r_l']:g} r_f={config['r_f']:g}" if config
+         else "uncompressed"),
+    ]
+    parts = [f"# Run {run['run_id']}", "", "| | |", "| --- | --- |"]
+    parts += [f"| {k} | {v} |" for k, v in rows]
+    for b in batches:
+        n = len(b["prompts"])
+        parts += ["", f"## {b['label']}: {n} sequence{'s' if n != 1 else ''}, {b['seconds']:.2f} s"]
+        cut = b.get("cut") or [False] * n
+        for i, (prompt, length, out) in enumerate(zip(b["prompts"], b["prompt_tokens"], b["outputs"])):
+            parts += ["", f"### Sequence {i} ({length} prompt tokens)", "", "Prompt:", ""] + _fence(_prompt_text(prompt))
+            parts += ["", "Output (cut by max_gen_len):" if cut[i] else "Output:", ""] + _fence(out)
+        if b["kv"] is not None:
+            parts += ["", "### KV cache memory", "", render_memory(b["kv"], compressed=config is not None)]
     if config is not None:
         parts += ["", "## Configuration", "", "```json", json.dumps(config, indent=1), "```"]
     return "\n".join(parts) + "\n"
@@ -75,24 +141,55 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_logs(stats: Dict, log_dir="logs", config: Optional[Dict] = None, tag: str = "kv_cache") -> Dict[str, Path]:
-    """Writes `{tag}_{time}.md` (tables) and `.json` (the same numbers plus allocated bytes) into log_dir.
+def _layer_rows(stats: Dict) -> List[Dict]:
+    rows = []
+    for i, layer in enumerate(stats["layers"]):
+        raw, kept, comp = layer["raw_bytes"], layer["kept_bytes"], layer["allocated_bytes"]
+        rows.append({"layer_id": i, "raw_mb": raw / MB, "kept_mb": kept / MB, "compress_mb": comp / MB,
+                     "saved_pct": _pct(kept, raw), "saved_allocated_pct": _pct(comp, raw), **layer})
+    return rows
+
+
+def _kv_payload(stats: Dict) -> Dict:
+    payload = {k: v for k, v in stats.items() if k != "layers"}
+    payload["layers"] = _layer_rows(stats)
+    return payload
+
+
+def write_logs(stats: Dict, log_dir="logs", config: Optional[Dict] = None, tag: str = "kv_cache",
+               stem: Optional[str] = None, run: Optional[Dict] = None,
+               batches: Optional[List[Dict]] = None) -> Dict[str, Path]:
+    """Writes `{stem}.md` and `.json` into log_dir, each atomically (a reader never sees half a file).
+
+    Args:
+        stats: memory statistics of the latest generation (the JSON's top-level numbers).
+        log_dir: folder, created if missing.
+        config: FastGen settings (None: uncompressed run).
+        tag: file name prefix when `stem` is not given (`{tag}_{time}`).
+        stem: file name without extension; the same stem rewrites the same files (a run's log grows per batch).
+        run: what ran (see `adaptive_kv_cache.cli.RunRecord`); with it the markdown is the whole run's log.
+        batches: each generation of the run: prompts, prompt lengths, outputs, seconds, memory statistics.
 
     Returns:
         dict with the paths under keys 'md' and 'json'.
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if stem is None:
+        import time
+
+        stem = f"{tag}_{time.strftime('%Y%m%d-%H%M%S')}"
     paths = {"md": log_dir / f"{stem}.md", "json": log_dir / f"{stem}.json"}
-    rows = []
-    for i, layer in enumerate(stats["layers"]):
-        raw, comp = layer["raw_bytes"], layer["allocated_bytes"]
-        rows.append({"layer_id": i, "raw_mb": raw / MB, "compress_mb": comp / MB,
-                     "compress_ratio_pct": 100.0 * (1.0 - comp / raw) if raw else 0.0, **layer})
-    payload = {k: v for k, v in stats.items() if k != "layers"}
-    payload["layers"] = rows
+    payload = _kv_payload(stats)
     payload["config"] = config
-    _atomic_write(paths["md"], render(stats, config))
+    if run is not None:
+        payload["run"] = run
+        payload["batches"] = [{**{k: v for k, v in b.items() if k != "kv"},
+                               "kv": _kv_payload(b["kv"]) if b.get("kv") is not None else None}
+                              for b in batches or []]
+        markdown = render_run(run, batches or [], config)
+    else:
+        markdown = render(stats, config)
+    _atomic_write(paths["md"], markdown)
     _atomic_write(paths["json"], json.dumps(payload, indent=1) + "\n")
     return paths

@@ -6,7 +6,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, TypedDict
+from typing import Callable, Dict, List, Optional, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from fairscale.nn.model_parallel.initialize import (
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for, validate_dialog
 from llama.kv_cache import DenseKVCache
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import load_tokenizer
+from llama.tokenizer import find_tokenizer, load_tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "CompletionPrediction", "ChatPrediction", "load_params"]
 
@@ -42,16 +42,25 @@ class ChatPrediction(TypedDict, total=False):
 DEFAULT_PREFILL_CHUNK = 8192
 
 PARAM_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-              "norm_eps", "rope_theta"}
+              "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_low_freq_factor",
+              "rope_high_freq_factor", "rope_old_context_len", "context_length"}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def load_params(ckpt_dir: Path) -> dict:
-    """Reads and checks `params.json` (the model's hyper-parameters) from a checkpoint directory."""
+    """Reads and checks `params.json` (the model's hyper-parameters) from a checkpoint directory.
+
+    Meta's Llama 2 and Llama 3.x keys are understood, including Llama 3.1's `use_scaled_rope` and llama-models'
+    `rope_scaling_factor` / `rope_high_freq_factor`; see `ModelArgs` for the rest.
+    """
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: a native checkpoint directory holds params.json next to consolidated.NN.pth "
-            f"(convert other formats with scripts/convert_llama2c.py or scripts/convert_gguf.py)"
+            f"(a Hugging Face folder holds config.json; convert other formats with scripts/convert_llama2c.py "
+            f"or scripts/convert_gguf.py)"
         )
     try:
         params = json.loads(path.read_text())
@@ -72,8 +81,60 @@ def load_params(ckpt_dir: Path) -> dict:
     return params
 
 
-def _init_distributed() -> None:
-    """Joins the torchrun process group, or makes a one-process group when run without torchrun."""
+def resolve_device(device=None) -> torch.device:
+    """The device a model runs on: 'cpu', 'cuda' or 'cuda:N' (None: CUDA when available, else CPU).
+
+    Raises:
+        ValueError: not a CPU or CUDA device, or CUDA requested where torch has none (checked here so that the
+            caller gets this sentence rather than an error from deep inside torch).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch build ({torch.__version__}) has no CUDA support" if torch.version.cuda is None
+                   else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"device {device!r} was requested but {why}; run with --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was requested but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are visible")
+    return d
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The parameter (and KV cache) dtype: 'float32' | 'bfloat16' | 'float16' (or bf16, fp16, fp32, or a
+    torch.dtype). None: bfloat16 on CUDA where supported, else float16; float32 on CPU.
+
+    Raises:
+        ValueError: another dtype, or bfloat16 on a GPU without it.
+    """
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of float32, bfloat16, float16")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype} is not supported; choose one of float32, bfloat16, float16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bfloat16 was requested but this GPU does not support it; use --dtype float16")
+    return dtype
+
+
+def _init_distributed(backend: Optional[str] = None) -> None:
+    """Joins the torchrun process group, or makes a one-process group when run without torchrun.
+
+    Args:
+        backend: 'gloo' (CPU tensors) or 'nccl' (CUDA tensors); None: nccl when CUDA is available.
+    """
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -83,12 +144,14 @@ def _init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
 
 
-def setup_model_parallel(model_parallel_size: Optional[int] = None) -> None:
+def setup_model_parallel(model_parallel_size: Optional[int] = None, backend: Optional[str] = None) -> None:
     """Joins (or makes) the process group and sets up fairscale's model-parallel groups once."""
-    _init_distributed()
+    _init_distributed(backend)
     if not model_parallel_is_initialized():
         if model_parallel_size is None:
             model_parallel_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -109,20 +172,24 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         kv_config=None,
         device: Optional[str] = None,
+        dtype=None,
     ) -> "Llama":
         """
         Build a Llama instance by initializing and loading a model checkpoint.
 
         Args:
-            ckpt_dir (str): Path to the directory containing checkpoint files.
-            tokenizer_path (str): Path to the tokenizer file.
+            ckpt_dir (str): a native checkpoint (params.json + consolidated.NN.pth) or a Hugging Face Llama folder
+                (config.json + model.safetensors or sharded model-0000N-of-0000M.safetensors), loaded directly
+                (one model-parallel rank; convert with scripts/convert_hf.py to shard it).
+            tokenizer_path (str): Path to the tokenizer file (tokenizer.model, tokenizer.gguf or tokenizer.json);
+                None: the one in ckpt_dir.
             max_seq_len (int): Maximum sequence length for input text.
             max_batch_size (int): Maximum batch size for inference.
             model_parallel_size (Optional[int], optional): Number of model parallel processes.
@@ -130,45 +197,72 @@ class Llama:
             seed (int): random seed, the same on every rank.
             kv_config: FastGen KV-cache compression: None (uncompressed), a FastGenConfig, a dict of
                 overrides of the shipped configs/config.json, or a path to a config JSON file.
-            device: 'cuda' or 'cpu'; default CUDA when available.
+            device: 'cpu', 'cuda' or 'cuda:N'; default CUDA when available. Under torchrun 'cuda' means the
+                rank's local GPU.
+            dtype: parameters and KV cache: 'float32', 'bfloat16' or 'float16' (or a torch.dtype); default
+                bfloat16 on CUDA (float16 without bf16 support) and float32 on CPU.
 
         Returns:
             Llama: An instance of the Llama class with the loaded model and tokenizer.
+
+        Raises:
+            FileNotFoundError, ValueError: bad paths or settings, before any weights are read.
         """
-        # Settings first: a bad config must fail before any model work.
+        # Settings first: a bad config, device or dtype must fail before any model work.
         from adaptive_kv_cache.config import resolve_kv_config
+        from llama.checkpoint import (
+            check_hf_folder, find_native_shards, human_count, is_hf_folder, load_hf_folder,
+            parameter_count, trained_context,
+        )
 
         kv_config = resolve_kv_config(kv_config)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise FileNotFoundError(
                 f"checkpoint directory {ckpt_dir} not found; pass --ckpt_dir pointing at a folder with "
-                f"consolidated.NN.pth and params.json"
+                f"params.json and consolidated.NN.pth (or a Hugging Face folder with config.json and safetensors)"
             )
-        checkpoints = sorted(ckpt.glob("*.pth"))
-        if not checkpoints:
-            raise FileNotFoundError(
-                f"no checkpoint files (*.pth) in {ckpt_dir}; a native checkpoint holds consolidated.00.pth "
-                f"(one file per model-parallel rank) and params.json"
-            )
-        params = load_params(ckpt)
+        checkpoints: List[Path] = []
+        if is_hf_folder(ckpt):
+            params = check_hf_folder(ckpt)
+        else:
+            checkpoints = find_native_shards(ckpt)
+            if not checkpoints:
+                raise FileNotFoundError(
+                    f"no checkpoint files (*.pth) in {ckpt_dir}; a native checkpoint holds consolidated.00.pth "
+                    f"(one file per model-parallel rank) and params.json, a Hugging Face folder config.json and "
+                    f"*.safetensors"
+                )
+            params = load_params(ckpt)
+        if tokenizer_path is None:
+            tokenizer_path = find_tokenizer(str(ckpt))
+        elif not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; pass --tokenizer_path pointing at "
+                                    f"the model's tokenizer file")
 
-        setup_model_parallel(model_parallel_size)
-
-        if len(checkpoints) != get_model_parallel_world_size():
+        setup_model_parallel(model_parallel_size, backend="nccl" if device.type == "cuda" else "gloo")
+        world = get_model_parallel_world_size()
+        if checkpoints and len(checkpoints) != world:
             raise ValueError(
                 f"{ckpt_dir} holds {len(checkpoints)} checkpoint shards but the run has "
-                f"{get_model_parallel_world_size()} model-parallel ranks; run "
+                f"{world} model-parallel ranks; run "
                 f"`torchrun --nproc_per_node {len(checkpoints)} ...` (or re-shard with scripts/shard_checkpoint.py)"
             )
+        if not checkpoints and world != 1:
+            raise ValueError(
+                f"{ckpt_dir} is a Hugging Face folder, which loads on one rank; for {world} ranks convert it "
+                f"(scripts/convert_hf.py) and shard it (scripts/shard_checkpoint.py)"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda":
-            torch.cuda.set_device(local_rank)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
 
         # seed must be the same in all processes
         torch.manual_seed(seed)
@@ -178,6 +272,7 @@ class Llama:
 
         start_time = time.time()
         tokenizer = load_tokenizer(tokenizer_path)
+        tie = params.pop("tie_word_embeddings", None)
         model_args: ModelArgs = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
         if model_args.vocab_size == -1:  # Meta's Llama 2 params.json leaves it to the tokenizer
             model_args.vocab_size = tokenizer.n_words
@@ -186,19 +281,35 @@ class Llama:
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model in {ckpt_dir} has "
                 f"vocab_size={model_args.vocab_size}; pass the tokenizer that belongs to this checkpoint"
             )
-        checkpoint = torch.load(checkpoints[get_model_parallel_rank()], map_location="cpu", weights_only=True,
-                                mmap=True)
+        context = trained_context(ckpt, {**params, "tie_word_embeddings": tie})
+        if context is not None and max_seq_len > context and get_model_parallel_rank() == 0:
+            print(f"warning: max_seq_len={max_seq_len} exceeds the {context} positions {ckpt.name} was trained "
+                  f"on; text past position {context} is unreliable", file=sys.stderr)
+        if checkpoints:
+            source = checkpoints[get_model_parallel_rank()]
+            checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            source = ckpt
+            _params, checkpoint = load_hf_folder(ckpt, dtype=dtype)
+        n_params = parameter_count(checkpoint)
         model = build_transformer(model_args, dtype)
         try:
             model.load_state_dict(checkpoint, strict=True)
         except RuntimeError as e:
-            raise ValueError(
-                f"{checkpoints[get_model_parallel_rank()]} does not match params.json in {ckpt_dir}: {e}"
-            ) from None
+            raise ValueError(f"{source} does not match the model's settings in {ckpt_dir}: {e}") from None
+        del checkpoint
         model.to(device)
-        print(f"Loaded in {time.time() - start_time:.2f} seconds", file=sys.stderr)
+        parallel = f", {world} model-parallel ranks" if world > 1 else ""
+        print(f"Loaded {ckpt.name} ({human_count(n_params)} parameters{' per rank' if world > 1 else ''}) from "
+              f"{ckpt_dir} in {time.time() - start_time:.2f} s: device {device}, dtype "
+              f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} CPU thread(s){parallel}",
+              file=sys.stderr)
 
-        return Llama(model, tokenizer, kv_config=kv_config)
+        llama = Llama(model, tokenizer, kv_config=kv_config)
+        llama.ckpt_dir = str(ckpt_dir)
+        llama.tokenizer_path = str(tokenizer_path)
+        llama.trained_context = context
+        return llama
 
     def __init__(self, model: Transformer, tokenizer, kv_config=None):
         self.model = model
@@ -207,6 +318,9 @@ class Llama:
         self.set_kv_config(kv_config)
         self.kv_stats: Optional[Dict] = None  # memory statistics of the last generation
         self.prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK  # tokens per prompt pass (None: one pass)
+        self.ckpt_dir: Optional[str] = None  # where Llama.build read the model (for logs)
+        self.tokenizer_path: Optional[str] = None
+        self.trained_context: Optional[int] = None  # positions the model was trained on, where known
         self.attention_observer = None  # callable(layer_id, maps, policies); see adaptive_kv_cache.images
 
     def set_kv_config(self, kv_config) -> None:
@@ -222,6 +336,11 @@ class Llama:
     @property
     def device(self) -> torch.device:
         return self.model.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, which the KV cache follows."""
+        return self.model.output.weight.dtype
 
     def new_cache(self, prompt_tokens: List[List[int]], total_len: int):
         """The KV cache for one generation over these prompts (compressed when kv_config is set)."""
@@ -245,6 +364,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop_tokens: Optional[frozenset] = None,
+        on_token: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """
         Generate text sequences based on provided prompts using the language generation model.
@@ -257,6 +377,9 @@ class Llama:
             logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
             echo (bool, optional): Flag indicating whether to include prompt tokens in the generated output. Defaults to False.
             stop_tokens: token ids that end a sequence (default: the tokenizer's EOS and end-of-turn tokens).
+            on_token: called after each decoding step as on_token(cur_pos, next_token (bsz,), generated (bsz,)
+                bool), generated marking the sequences past their prompt and not stopped before this step
+                (their new token may be a stop token); for streaming and progress.
 
         Returns:
             Tuple[List[List[int]], Optional[List[List[float]]]]: A tuple containing generated token sequences and, if logprobs is True, corresponding token log probabilities.
@@ -324,6 +447,8 @@ class Llama:
             # only replace token if prompt has already been generated
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
+            if on_token is not None:
+                on_token(cur_pos, next_token, ~input_text_mask[:, cur_pos] & ~eos_reached)
             if logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     input=logits.transpose(1, 2),
@@ -389,6 +514,7 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        on_token: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     ) -> List[CompletionPrediction]:
         """
         Perform text completion for a list of prompts using the language generation model.
@@ -401,6 +527,7 @@ class Llama:
                 If not provided, it's set to the model's maximum sequence length minus 1.
             logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
             echo (bool, optional): Flag indicating whether to include prompt tokens in the generated output. Defaults to False.
+            on_token: streaming callback, see `generate`.
 
         Returns:
             List[CompletionPrediction]: List of completion predictions, each containing the generated text completion.
@@ -418,6 +545,7 @@ class Llama:
             top_p=top_p,
             logprobs=logprobs,
             echo=echo,
+            on_token=on_token,
         )
         if logprobs:
             return [
@@ -437,6 +565,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        on_token: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     ) -> List[ChatPrediction]:
         """
         Generate assistant responses for a list of conversational dialogs using the language generation model.
@@ -448,6 +577,7 @@ class Llama:
             max_gen_len (Optional[int], optional): Maximum length of the generated response sequence.
                 If not provided, it's set to the model's maximum sequence length minus 1.
             logprobs (bool, optional): Flag indicating whether to compute token log probabilities. Defaults to False.
+            on_token: streaming callback, see `generate`.
 
         Returns:
             List[ChatPrediction]: List of chat predictions, each containing the assistant's generated response.
@@ -473,6 +603,7 @@ class Llama:
             top_p=top_p,
             logprobs=logprobs,
             stop_tokens=self.chat_format.stop_tokens,
+            on_token=on_token,
         )
         if logprobs:
             return [

@@ -30,6 +30,16 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1+ RoPE scaling (Meta's llama-models `apply_scaling`): params.json says "use_scaled_rope": true.
+    # The other four are Meta's constants; 3.2 models use rope_scaling_factor 32, hence a setting.
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_old_context_len: int = 8192
+    # Positions the model was trained on, when a converter could tell (HF max_position_embeddings, llama2.c
+    # seq_len, GGUF context_length); only used to warn about a larger max_seq_len.
+    context_length: Optional[int] = None
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -39,10 +49,22 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         problems = []
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                     "max_batch_size", "max_seq_len"):
+                     "max_batch_size", "max_seq_len", "rope_old_context_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        if self.context_length is not None and (
+            isinstance(self.context_length, bool) or not isinstance(self.context_length, int)
+            or self.context_length <= 0
+        ):
+            problems.append(f"context_length={self.context_length!r} must be a positive integer or null")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                problems.append(f"{name}={value!r} must be a positive number")
+        if not isinstance(self.use_scaled_rope, bool):
+            problems.append(f"use_scaled_rope={self.use_scaled_rope!r} must be true or false")
         if not problems:
             if self.dim % self.n_heads:
                 problems.append(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
@@ -50,6 +72,9 @@ class ModelArgs:
                 problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+            if self.use_scaled_rope and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                problems.append(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                                f"rope_low_freq_factor={self.rope_low_freq_factor}")
         if problems:
             raise ValueError("invalid model arguments: " + "; ".join(problems))
 
@@ -64,6 +89,24 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
         return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def rope_scaling(self) -> Optional["RopeScaling"]:
+        """The Llama 3.1 frequency scaling to apply, or None (plain RoPE)."""
+        if not self.use_scaled_rope:
+            return None
+        return RopeScaling(self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_old_context_len)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 RoPE scaling: long wavelengths slowed by `factor`, short ones kept, a linear blend between."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    old_context_len: int = 8192
 
 
 class RMSNorm(torch.nn.Module):
@@ -80,13 +123,50 @@ class RMSNorm(torch.nn.Module):
         return output * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device=None):
-    """Complex rotations for RoPE.
+def apply_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling, the computation of Meta's llama-models `apply_scaling`.
+
+    Wavelengths shorter than old_context_len / high_freq_factor keep their frequency, those longer than
+    old_context_len / low_freq_factor are divided by `factor`, and those between blend the two linearly in
+    old_context_len / wavelength. The arithmetic follows Meta's float32 expression order, so the rotations are
+    bit-identical to the reference.
+
+    Args:
+        freqs: (head_dim // 2,) float32 inverse frequencies theta^(-2i/head_dim).
+        scaling: the factors.
 
     Returns:
-        torch.Tensor: (end, dim // 2) complex64, entry [t, i] = exp(1j * t * theta^(-2i/dim)).
+        torch.Tensor: (head_dim // 2,) float32 scaled frequencies.
+    """
+    wavelen = 2 * torch.pi / freqs
+    low_freq_wavelen = scaling.old_context_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.old_context_len / scaling.high_freq_factor
+    smooth = (scaling.old_context_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device=None,
+                         scaling: Optional[RopeScaling] = None):
+    """Complex rotations for RoPE.
+
+    Args:
+        dim: head_dim.
+        end: number of positions.
+        theta: RoPE base.
+        device: where to build the table.
+        scaling: Llama 3.1 frequency scaling (None: plain RoPE).
+
+    Returns:
+        torch.Tensor: (end, dim // 2) complex64, entry [t, i] = exp(1j * t * f_i) with f_i = theta^(-2i/dim),
+        scaled by `apply_scaling` when `scaling` is given.
     """
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
+    if scaling is not None:
+        freqs = apply_scaling(freqs, scaling)
     t = torch.arange(end, device=device, dtype=torch.float32)
     freqs = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64
@@ -211,7 +291,8 @@ class Transformer(nn.Module):
         # A buffer, not an attribute, so that .to(device) moves it; it is derived, so not saved.
         self.register_buffer(
             "freqs_cis",
-            precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta),
+            precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta,
+                                 scaling=params.rope_scaling),
             persistent=False,
         )
 

@@ -83,25 +83,31 @@ class Tokenizer:
         return self.sp_model.id_to_piece(i)
 
 
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.gguf")
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.gguf", "tokenizer.json")
 
 
 def find_tokenizer(ckpt_dir: str) -> str:
-    """The tokenizer file shipped in a checkpoint directory (tokenizer.model or tokenizer.gguf)."""
+    """The tokenizer file shipped in a checkpoint directory: tokenizer.model, tokenizer.gguf or (Hugging Face
+    folders) tokenizer.json, in that order."""
     for name in TOKENIZER_NAMES:
         if (Path(ckpt_dir) / name).is_file():
             return str(Path(ckpt_dir) / name)
     raise FileNotFoundError(
-        f"no tokenizer ({' or '.join(TOKENIZER_NAMES)}) in {ckpt_dir}; pass --tokenizer_path explicitly"
+        f"no tokenizer ({', '.join(TOKENIZER_NAMES)}) in {ckpt_dir}; pass --tokenizer_path explicitly"
     )
 
 
 def load_tokenizer(path: str):
-    """A sentencepiece Tokenizer, or a byte-level BPE tokenizer for tiktoken/GGUF vocabularies."""
+    """A tokenizer for `path`: Hugging Face tokenizer.json (`tokenizers`), sentencepiece, or byte-level BPE for
+    tiktoken / GGUF vocabularies."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"tokenizer file {path} not found; pass --tokenizer_path pointing at the model's tokenizer file"
         )
+    if Path(path).suffix == ".json":
+        from llama.tokenizer_hf import HFTokenizer
+
+        return HFTokenizer(path)
     try:
         return Tokenizer(path)
     except ValueError:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # allow `python scripts/convert_gguf.py` from anywhere
@@ -282,6 +281,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path]) -> Path
             (all missing names are listed), has tensors of unexpected shape or
             unknown tensors, or uses unsupported features (RoPE scaling, partial RoPE).
     """
+    import torch  # here, not at the top: setup_models.py's 'already converted' check stays instant
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open_gguf(gguf_path)
     hp = read_hparams(reader)

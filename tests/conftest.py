@@ -156,3 +156,100 @@ def tiny_llama(dist, tiny_ckpt_dir) -> Llama:
     """The tiny random model, uncompressed, CPU float32, max_seq_len 256, max_batch_size 4."""
     return Llama.build(str(tiny_ckpt_dir), str(tiny_ckpt_dir / "tokenizer.model"), max_seq_len=256,
                        max_batch_size=4, device="cpu")
+
+
+# --- Hugging Face folders made in the tests --------------------------------------------------------------------
+
+HF_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+HF_VOCAB = 384
+
+
+def write_hf_tokenizer(out_dir: Path, vocab_size: int = HF_VOCAB) -> Path:
+    """A Llama 3-style byte-level BPE tokenizer.json trained on the shared TinyStories text (deterministic).
+
+    Its post-processor puts <|begin_of_text|> (id 0) in front of every text, as Llama 3's does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=HF_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_require(SHARED / "data" / "tinystories_valid.txt").read_text()], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    assert tok.get_vocab_size() == vocab_size
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir / "tokenizer.json"
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta -> HF q/k row order, as HF's convert_llama_weights_to_hf does: in each head, the first and second
+    members of the rotary pairs (rows 2j, 2j + 1) become the first and second halves (rows j, half + j)."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_state_dict(native: Dict[str, torch.Tensor], params: Dict, tied: bool) -> Dict[str, torch.Tensor]:
+    """A native state dict in Hugging Face's LlamaForCausalLM names and q/k row order (lm_head left out when
+    `tied`: the embedding then serves as the output projection)."""
+    args = ModelArgs(**params)
+    out = {"model.embed_tokens.weight": native["tok_embeddings.weight"], "model.norm.weight": native["norm.weight"]}
+    if not tied:
+        out["lm_head.weight"] = native["output.weight"]
+    names = {"attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+    for i in range(args.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[q + "self_attn.q_proj.weight"] = hf_permute(native[p + "attention.wq.weight"], args.n_heads)
+        out[q + "self_attn.k_proj.weight"] = hf_permute(native[p + "attention.wk.weight"], args.n_kv_heads)
+        for a, b in names.items():
+            out[q + b] = native[p + a]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(params: Dict, tied: bool, rope_scaling: Optional[Dict] = None, context: int = 4096) -> Dict:
+    """config.json of a LlamaForCausalLM with the shape of `params` (legacy rope_theta / rope_scaling keys, as
+    the Hub's Llama 3.x folders have them)."""
+    args = ModelArgs(**params)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling, "max_position_embeddings": context, "tie_word_embeddings": tied,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 0,
+        "eos_token_id": [1, 4], "torch_dtype": "float32",
+    }
+
+
+def write_hf_folder(out_dir: Path, params: Dict, native: Dict[str, torch.Tensor], tied: bool = True,
+                    shards: int = 2, rope_scaling: Optional[Dict] = None, context: int = 4096) -> Path:
+    """A Hugging Face folder: config.json, `shards` safetensors files (+ index when > 1), tokenizer.json."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(params, tied, rope_scaling, context), indent=1))
+    sd = hf_state_dict(native, params, tied)
+    names = sorted(sd)
+    if shards == 1:
+        save_file(sd, str(out_dir / "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[s::shards]}
+            save_file(part, str(out_dir / fname))
+            weight_map.update({n: fname for n in part})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_hf_tokenizer(out_dir, params["vocab_size"])
+    return out_dir
