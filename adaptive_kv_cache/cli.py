@@ -134,6 +134,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
     g.add_argument("--T", type=float, default=None, help="recovery threshold in [0, 1] (overrides the config)")
     g.add_argument("--r_l", type=float, default=None, help="local window ratio in (0, 1]")
     g.add_argument("--r_f", type=float, default=None, help="frequent-token ratio in (0, 1]")
+    g.add_argument("--evict_every", type=int, default=None,
+                   help="decode steps between evictions, k >= 1 (1: after every token, as in the paper)")
     g.add_argument("--compress", dest="compress", action="store_true", default=True, help="compress (default)")
     g.add_argument("--no-compress", "--nocompress", dest="compress", action="store_false",
                    help="run with the uncompressed cache")
@@ -148,15 +150,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
 
 
 def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = None, r_l: Optional[float] = None,
-                         r_f: Optional[float] = None, compress: bool = True) -> Optional[FastGenConfig]:
-    """`--kv_config PATH --T --r_l --r_f --compress/--no-compress` -> a validated config (None = uncompressed).
+                         r_f: Optional[float] = None, compress: bool = True,
+                         evict_every: Optional[int] = None) -> Optional[FastGenConfig]:
+    """`--kv_config PATH --T --r_l --r_f --evict_every --compress/--no-compress` -> a validated config (None =
+    uncompressed).
 
     Runs before the model is loaded, so a bad setting fails first.
     """
     if not compress:
         return None
     config = load_config(kv_config if kv_config is not None else DEFAULT_CONFIG_PATH)
-    overrides = {k: v for k, v in {"T": T, "r_l": r_l, "r_f": r_f}.items() if v is not None}
+    overrides = {k: v for k, v in {"T": T, "r_l": r_l, "r_f": r_f, "evict_every": evict_every}.items()
+                 if v is not None}
     return config.with_overrides(overrides)
 
 
@@ -176,7 +181,7 @@ def check_common(args) -> Dict:
     Raises:
         UserError, ValueError, FileNotFoundError: with the sentence to show.
     """
-    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress)
+    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every)
     ckpt = Path(args.ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no such directory (a native checkpoint holds params.json and "
@@ -425,6 +430,7 @@ def log_model_line(generator, checked: Dict) -> None:
     if rank() != 0:
         return
     kv = generator.kv_config
-    what = f"FastGen T={kv.T:g} r_l={kv.r_l:g} r_f={kv.r_f:g}" if kv is not None else "uncompressed KV cache"
+    what = (f"FastGen T={kv.T:g} r_l={kv.r_l:g} r_f={kv.r_f:g} evict_every={kv.evict_every}" if kv is not None
+            else "uncompressed KV cache")
     print(f"running on {generator.device}, {str(generator.dtype).replace('torch.', '')}, "
           f"{checked['threads']} thread(s), {what}", file=sys.stderr)

@@ -132,7 +132,7 @@ class FastGenConfig:
     candidates: tuple[tuple[str, ...], ...] = DEFAULT_CANDIDATES
     special_strings: tuple[str, ...] = DEFAULT_SPECIAL_STRINGS
     gqa_aggregation: str = "mean"
-    evict_every: int = 1
+    evict_every: int = 16
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)

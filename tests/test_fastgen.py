@@ -171,7 +171,9 @@ def test_evict_every_k_holds_at_most_k_minus_1_extra_tokens(tiny_llama):
 
 
 def forced(llama, prompts, tokens, P, hybrid, **overrides):
-    """Every head forced to `hybrid` (T=0 picks the first candidate); returns the cache after teacher forcing."""
+    """Every head forced to `hybrid` (T=0 picks the first candidate), evicting after every token as the paper's
+    decode rules read (k = 1); returns the cache after teacher forcing."""
+    overrides = {"evict_every": 1, **overrides}
     cache = fastgen_cache(llama, prompts, T=0.0, candidates=(hybrid, ("full",)), **overrides)
     teacher_force(llama.model, cache, torch.tensor(tokens), P)
     return cache
