@@ -176,7 +176,8 @@ class PackedStore:
                 v = values.get(name)
                 self._dtype[name] = dtype or v.dtype
                 self._row_shape[name] = tuple(v.shape[1:]) if v is not None else ()
-            self._install(*self._allocate([list(range(self.n_seg))], [s + headroom]), [0], self.lengths)
+            self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(s, headroom)]), [0],
+                          self.lengths)
         elif any(g.width + s > g.cap for g in self.groups):
             self._regroup([None] * len(self.groups), self.lengths, s + headroom)
         idx = self._dest if s == 1 else (self._dest[:, None] + torch.arange(s, device=self._dest.device)).view(-1)
@@ -215,9 +216,16 @@ class PackedStore:
         self.lengths = lengths
         return lengths
 
+    def _capacity(self, width: int, headroom: int) -> int:
+        """Columns for a group of this width: `headroom` free ones for the appends until the next compaction, and
+        as many again or a share `growth` of the width for segments that keep growing (full heads; FastGen's
+        frequent budget grows with n), so that growing segments are copied O(log n) times, not at every
+        compaction."""
+        return width + headroom + max(headroom, int(self.growth * width))
+
     def free_limit(self, width: int, headroom: int) -> int:
         """Most free columns a group of this width may keep: twice what a re-grouping gives it."""
-        return 2 * max(headroom, int(self.growth * width)) + 1
+        return 2 * (self._capacity(width, headroom) - width) + 1
 
     def _fits(self, lengths: List[int], headroom: int) -> bool:
         """The current groups can take the new lengths: free columns for `headroom` appends but not many more
@@ -264,7 +272,7 @@ class PackedStore:
         preserved (a segment that keeps everything stays in position order)."""
         plan = plan_groups(lengths, headroom, self.tolerance, self.max_groups)
         widths = [max(lengths[i] for i in members) for members in plan]
-        caps = [w + max(headroom, int(self.growth * w)) for w in widths]
+        caps = [self._capacity(w, headroom) for w in widths]
         groups, buf = self._allocate(plan, caps)
         # flat destination row of slot r of segment i: its group's base + member index * cap + r
         seg_row = torch.empty(self.n_seg, dtype=torch.long, device=self.device)
