@@ -430,7 +430,8 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
     bsz, _, n_heads, head_dim = xq.shape
     n_kv = view.n_kv_heads
     n_seg, n_rep = bsz * n_kv, n_heads // n_kv
-    q = xq.view(n_seg, n_rep, head_dim) * (1.0 / math.sqrt(head_dim))
+    q = xq.view(n_seg, n_rep, head_dim)  # no copy
+    scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty_like(q)
     stats = None
     if want is not None:
@@ -441,9 +442,9 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
         qg = g.rows(q)
         if want is None:
             og = F.scaled_dot_product_attention(qg[:, None], g.keys[:, None], g.values[:, None],
-                                                attn_mask=g.bias[:, None, None].to(q.dtype), scale=1.0)[:, 0]
+                                                attn_mask=g.bias[:, None, None].to(q.dtype))[:, 0]
         else:
-            s = torch.baddbmm(g.bias[:, None].to(q.dtype), qg, g.keys.transpose(1, 2))  # (n, n_rep, width)
+            s = torch.baddbmm(g.bias[:, None].to(q.dtype), qg, g.keys.transpose(1, 2), alpha=scale)  # (n, n_rep, w)
             p = torch.softmax(s, dim=-1, dtype=torch.float32)
             og = torch.bmm(p.type_as(q), g.values)
             pr = p.mean(1) if want.gqa == "mean" else p.amax(1)  # (n, width)
