@@ -87,7 +87,7 @@ class CompressedCache(KVCache):
     """KV cache for one generation over a batch of prompts, compressed by `method` on a packed store."""
 
     def __init__(self, method: CompressionMethod, n_layers: int, prompt_tokens: Sequence[Sequence[int]],
-                 max_seq_len: int, evict_every: int = 1):
+                 max_seq_len: int, evict_every: int = 1, store_options: Optional[Dict] = None):
         """
         Args:
             method: the compression method (one instance per generation; it may keep per-layer state).
@@ -96,6 +96,7 @@ class CompressedCache(KVCache):
                 have been processed.
             max_seq_len: hard limit on positions.
             evict_every: k, passes between compactions once a sequence decodes.
+            store_options: keyword arguments of every layer's PackedStore (grouping, free columns).
         """
         self.method = method
         self.n_layers = n_layers
@@ -103,6 +104,7 @@ class CompressedCache(KVCache):
         self.prompt_lens = [len(p) for p in prompt_tokens]
         self.max_seq_len = max_seq_len
         self.evict_every = evict_every
+        self.store_options = dict(store_options or {})
         self.pending = [True] * len(self.prompt_lens)
         self.stores: List[Optional[PackedStore]] = [None] * n_layers
         self.n_kv_heads = 0
@@ -147,20 +149,23 @@ class CompressedCache(KVCache):
 
     # --- per layer --------------------------------------------------------------------------------------------
 
-    def headroom(self) -> int:
-        """Free columns a group gets: the rest of the longest prompt, plus the appends until the next compaction."""
-        return self.evict_every + max(0, max(self.prompt_lens) - self.pass_.end)
+    def min_free(self) -> int:
+        """Free columns a layer needs after this pass: the rest of the longest prompt, and the appends until the
+        next eviction. Eviction then runs on the k-step schedule alone, which every sequence of a batch shares, so
+        a sequence keeps the same tokens whatever it is batched with."""
+        steps = self.evict_every - (0 if self.pass_.compact else self.steps_since_compaction + 1)
+        return max(1, steps) + max(0, max(self.prompt_lens) - self.pass_.end)
 
     def append(self, layer_id, start_pos, xk, xv):
         bsz, seqlen, n_kv, head_dim = xk.shape
         n_seg = bsz * n_kv
         if self.stores[layer_id] is None:
             self.n_kv_heads = n_kv
-            self.stores[layer_id] = PackedStore(n_seg, dict(self.method.slot_fields))
+            self.stores[layer_id] = PackedStore(n_seg, dict(self.method.slot_fields), **self.store_options)
         store = self.stores[layer_id]
         values = {"k": xk.transpose(1, 2).reshape(n_seg * seqlen, head_dim),
                   "v": xv.transpose(1, 2).reshape(n_seg * seqlen, head_dim), **self._slot_values(n_kv, xk.device)}
-        store.append(values, self.headroom())
+        store.append(values, self.min_free())
         if store.positional:
             # nothing evicted yet: slot s holds position s in every segment, a dense view for the fast kernels
             k, v = store.field("k")[0], store.field("v")[0]
@@ -191,7 +196,7 @@ class CompressedCache(KVCache):
             self.method.on_prompt_end(self, layer_id, seg)
         if p.compact:
             store = self.stores[layer_id]
-            store.compact(self.method.keep(self, layer_id), self.headroom())
+            store.compact(self.method.keep(self, layer_id), self.min_free())
 
     # --- what the methods read ----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ and they count as slack, not as kept bytes.
 
 All segments take one new token per position, so appends write the same column of every group (its `width`),
 host-known, with no search and no host-device synchronisation. `compact` is the one batched pass that drops
-slots. It reads the new lengths on the host (one synchronisation) and then either fills each segment's holes
+slots; the cache calls it every k decode steps. It reads the new lengths on the host (one synchronisation) and then either fills each segment's holes
 with its own tail slots in place (the common case: a few slots move, nothing is allocated), or, when the groups
 no longer fit (a group out of free columns, or its members' lengths drifted apart), re-groups the segments into
 new buffers.
@@ -83,14 +83,15 @@ class PackedStore:
     """
 
     def __init__(self, n_seg: int, fields: Dict[str, Tuple[torch.dtype, float]], tolerance: float = 0.1,
-                 max_groups: int = 4, growth: float = 1 / 32):
+                 max_groups: int = 4, growth: float = 1 / 32, min_slack: int = 1):
         """
         Args:
             n_seg: segments (bsz * local KV heads).
             fields: per-slot fields besides keys, values and positions: name -> (dtype, value of an empty slot).
             tolerance, max_groups: grouping (see `plan_groups`).
-            growth: a re-grouped group gets at least this share of its width as free columns, so segments that
-                keep growing (full heads) are copied O(log n) times, not every `headroom` steps.
+            growth, min_slack: a (re)allocated group gets max(min_slack, growth x width) free columns, so segments
+                that keep growing (full heads, FastGen's frequent budget) are copied O(log n) times, while short
+                ones carry only a few spare slots.
         """
         self.n_seg = n_seg
         # bias: 0, or -inf on the padding of a group (decode attention adds it to the scores instead of masking)
@@ -100,6 +101,7 @@ class PackedStore:
         self.tolerance = tolerance
         self.max_groups = max_groups
         self.growth = growth
+        self.min_slack = min_slack
         self.buf: Dict[str, torch.Tensor] = {}
         self._dtype: Dict[str, torch.dtype] = {}
         self._row_shape: Dict[str, Tuple[int, ...]] = {}
@@ -161,13 +163,14 @@ class PackedStore:
 
     # --- writes ----------------------------------------------------------------------------------------------
 
-    def append(self, values: Dict[str, torch.Tensor], headroom: int) -> None:
+    def append(self, values: Dict[str, torch.Tensor], min_free: int) -> None:
         """Appends s new slots to every segment, at column `width` of its group.
 
         Args:
             values: name -> (n_seg * s, ...) values of the new slots, segment-major; 'k', 'v' and 'pos' are
                 required, fields left out keep their empty value.
-            headroom: free columns to leave after the new ones when the store must (re)allocate first.
+            min_free: free columns every group needs after the new ones when the store must (re)allocate first
+                (e.g. the rest of a prompt that arrives in chunks).
         """
         s = values["pos"].shape[0] // self.n_seg
         if not self.buf:
@@ -176,10 +179,10 @@ class PackedStore:
                 v = values.get(name)
                 self._dtype[name] = dtype or v.dtype
                 self._row_shape[name] = tuple(v.shape[1:]) if v is not None else ()
-            self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(s, headroom)]), [0],
+            self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(0, s + min_free)]), [0],
                           self.lengths)
-        elif any(g.width + s > g.cap for g in self.groups):
-            self._regroup([None] * len(self.groups), self.lengths, s + headroom)
+        elif not self.has_room(s):
+            self._regroup([None] * len(self.groups), self.lengths, s + min_free)
         idx = self._dest if s == 1 else (self._dest[:, None] + torch.arange(s, device=self._dest.device)).view(-1)
         for name, v in values.items():
             self.buf[name].index_copy_(0, idx, v)
@@ -188,12 +191,16 @@ class PackedStore:
             g.width += s
         self.lengths = [n + s for n in self.lengths]
 
-    def compact(self, keep: List[Optional[torch.Tensor]], headroom: int) -> List[int]:
-        """Drops the slots `keep` does not keep, leaving at least `headroom` free columns per group.
+    def has_room(self, s: int) -> bool:
+        """Every group can take s more columns."""
+        return all(g.width + s <= g.cap for g in self.groups)
+
+    def compact(self, keep: List[Optional[torch.Tensor]], min_free: int) -> List[int]:
+        """Drops the slots `keep` does not keep, leaving at least `min_free` free columns per group.
 
         Args:
             keep: per group, (n, width) bool over its view (None: keep all of that group).
-            headroom: free columns every group needs after the compaction.
+            min_free: free columns every group needs after the compaction.
 
         Returns:
             List[int]: used slots per segment afterwards (read on the host: one synchronisation).
@@ -206,34 +213,31 @@ class PackedStore:
         lengths = counts.tolist()
         if lengths != self.lengths:
             self.positional = False
-        if self._fits(lengths, headroom):
+        if self._fits(lengths, min_free):
             for i, (g, m) in enumerate(zip(self.groups, masks)):
                 if m is not None:
                     self._fill_holes(i, m, max(lengths[j] for j in g.members))
             self._set_dest()
         else:
-            self._regroup(masks, lengths, headroom)
+            self._regroup(masks, lengths, min_free)
         self.lengths = lengths
         return lengths
 
-    def _capacity(self, width: int, headroom: int) -> int:
-        """Columns for a group of this width: `headroom` free ones for the appends until the next compaction, and
-        as many again or a share `growth` of the width for segments that keep growing (full heads; FastGen's
-        frequent budget grows with n), so that growing segments are copied O(log n) times, not at every
-        compaction."""
-        return width + headroom + max(headroom, int(self.growth * width))
+    def _capacity(self, width: int, min_free: int) -> int:
+        """Columns for a group of this width: `min_free` free ones, or the growth slack if that is more."""
+        return width + max(min_free, self.min_slack, int(self.growth * width))
 
-    def free_limit(self, width: int, headroom: int) -> int:
-        """Most free columns a group of this width may keep: twice what a re-grouping gives it."""
-        return 2 * (self._capacity(width, headroom) - width) + 1
+    def free_limit(self, width: int, min_free: int) -> int:
+        """Most free columns a group of this width may keep: twice what an allocation gives it (freed memory is
+        given back)."""
+        return 2 * (self._capacity(width, min_free) - width) + 1
 
-    def _fits(self, lengths: List[int], headroom: int) -> bool:
-        """The current groups can take the new lengths: free columns for `headroom` appends but not many more
-        (memory freed by evictions must be given back), and each group's padding within twice what grouping
-        allowed when it was made."""
+    def _fits(self, lengths: List[int], min_free: int) -> bool:
+        """The current groups can take the new lengths: `min_free` free columns but not many more, and each
+        group's padding within twice what grouping allowed when it was made."""
         for g in self.groups:
             longest = max(lengths[i] for i in g.members)
-            if not headroom <= g.cap - longest <= self.free_limit(longest, headroom):
+            if not min_free <= g.cap - longest <= self.free_limit(longest, min_free):
                 return False
             if sum(longest - lengths[i] for i in g.members) > g.max_padding:
                 return False
@@ -267,12 +271,12 @@ class PackedStore:
         bias.copy_(torch.where(inside | (cols >= width), 0.0, float("-inf")))
         g.width = width
 
-    def _regroup(self, masks: List[Optional[torch.Tensor]], lengths: List[int], headroom: int) -> None:
+    def _regroup(self, masks: List[Optional[torch.Tensor]], lengths: List[int], min_free: int) -> None:
         """Moves the kept slots into new buffers, grouped by the new lengths; slot order inside a segment is
         preserved (a segment that keeps everything stays in position order)."""
-        plan = plan_groups(lengths, headroom, self.tolerance, self.max_groups)
+        plan = plan_groups(lengths, min_free, self.tolerance, self.max_groups)
         widths = [max(lengths[i] for i in members) for members in plan]
-        caps = [self._capacity(w, headroom) for w in widths]
+        caps = [self._capacity(w, min_free) for w in widths]
         groups, buf = self._allocate(plan, caps)
         # flat destination row of slot r of segment i: its group's base + member index * cap + r
         seg_row = torch.empty(self.n_seg, dtype=torch.long, device=self.device)

@@ -64,7 +64,7 @@ def test_random_appends_and_compactions_match_a_plain_model(seed):
         s = 5 if step == 0 else rng.choice([1, 1, 1, 2])
         k, v = torch.randn(n_seg * s, hd, generator=g), torch.randn(n_seg * s, hd, generator=g)
         positions = torch.arange(pos, pos + s, dtype=torch.int32).repeat(n_seg)
-        store.append({"k": k, "v": v, "pos": positions}, headroom=3)
+        store.append({"k": k, "v": v, "pos": positions}, min_free=3)
         for i in range(n_seg):
             for j in range(s):
                 model.seg[i][pos + j] = (k[i * s + j].tolist(), v[i * s + j].tolist(), 0.0)
@@ -89,7 +89,7 @@ def test_random_appends_and_compactions_match_a_plain_model(seed):
                         if q != EMPTY_POS and not bool(mask[r, c]):
                             drops.setdefault(i, []).append(q)
             before = store.buf["k"].data_ptr()
-            store.compact(keep, headroom=3)
+            store.compact(keep, min_free=3)
             reallocations += store.buf["k"].data_ptr() != before
             in_place += store.buf["k"].data_ptr() == before
             for i, qs in drops.items():
@@ -105,11 +105,11 @@ def test_store_stays_positional_while_nothing_is_dropped():
     store = PackedStore(2, {})
     for p in range(6):
         store.append({"k": torch.full((2, 1), float(p)), "v": torch.zeros(2, 1),
-                      "pos": torch.tensor([p, p], dtype=torch.int32)}, headroom=1)
-        store.compact([None] * len(store.groups), headroom=1)
+                      "pos": torch.tensor([p, p], dtype=torch.int32)}, min_free=1)
+        store.compact([None] * len(store.groups), min_free=1)
         assert store.positional and len(store.groups) == 1
         assert store.field("pos")[0].tolist() == [list(range(p + 1))] * 2
-    store.compact([torch.tensor([[True] * 6, [True] * 5 + [False]])], headroom=1)
+    store.compact([torch.tensor([[True] * 6, [True] * 5 + [False]])], min_free=1)
     assert not store.positional
 
 
@@ -117,9 +117,9 @@ def test_free_columns_are_given_back_after_evictions():
     """A group whose segments shrank is re-laid out: evicted memory is freed, not kept as spare columns."""
     store = PackedStore(2, {})
     store.append({"k": torch.zeros(200, 1), "v": torch.zeros(200, 1),
-                  "pos": torch.arange(100, dtype=torch.int32).repeat(2)}, headroom=4)
+                  "pos": torch.arange(100, dtype=torch.int32).repeat(2)}, min_free=4)
     keep = torch.zeros(2, 100, dtype=torch.bool)
     keep[:, :10] = True
-    store.compact([keep], headroom=4)
+    store.compact([keep], min_free=4)
     assert store.lengths == [10, 10]
     assert sum(g.n * g.cap for g in store.groups) <= 2 * (10 + store.free_limit(10, 4))
