@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from adaptive_kv_cache.cli import (
-    ArgumentParser, Progress, RunRecord, TokenStream, UserError, add_common_arguments, check_common,
-    log_model_line, rank, run_cli,
+    ArgumentParser, Progress, RunRecord, TokenStream, UserError, add_common_arguments, build_generator,
+    check_common, rank, run_cli,
 )
 
 PROG = "example_text_completion.py"
@@ -69,23 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f"--image_seq {args.image_seq}: there are only {n_prompts} prompts (0-based)")
     checked = check_common(args)
 
-    import torch
-
-    torch.set_num_threads(checked["threads"])
-    from llama import Llama
-
-    generator = Llama.build(
-        ckpt_dir=args.ckpt_dir,
-        tokenizer_path=checked["tokenizer_path"],
-        max_seq_len=args.max_seq_len,
-        max_batch_size=args.max_batch_size,
-        seed=args.seed,
-        kv_config=checked["kv_config"],
-        device=checked["device"],
-        dtype=checked["dtype"],
-    )
-    run = RunRecord("example_text_completion.py", args, generator, checked, sys.argv[1:] if argv is None else argv)
-    log_model_line(generator, checked)
+    generator, run = build_generator(PROG, args, checked, argv)
     tok = generator.tokenizer
 
     prompts: List[str] = list(args.prompt)

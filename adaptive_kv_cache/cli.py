@@ -425,6 +425,29 @@ class RunRecord:
             print(f"images: {images}/", file=sys.stderr)
 
 
+def build_generator(prog: str, args, checked: Dict, argv):
+    """Sets the threads, builds the model from the checked flags, states what will run; returns
+    (generator, RunRecord)."""
+    import torch
+
+    torch.set_num_threads(checked["threads"])
+    from llama import Llama
+
+    generator = Llama.build(
+        ckpt_dir=args.ckpt_dir,
+        tokenizer_path=checked["tokenizer_path"],
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size,
+        seed=args.seed,
+        kv_config=checked["kv_config"],
+        device=checked["device"],
+        dtype=checked["dtype"],
+    )
+    run = RunRecord(prog, args, generator, checked, sys.argv[1:] if argv is None else argv)
+    log_model_line(generator, checked)
+    return generator, run
+
+
 def log_model_line(generator, checked: Dict) -> None:
     """States, on stderr, what will run: device, dtype, threads, compression."""
     if rank() != 0:
