@@ -57,6 +57,7 @@ class FastGen(CompressionMethod):
         self.evicting: Dict[int, set] = {}  # per layer, the segments whose hybrid can evict (not full)
         self.heat: Dict[int, torch.Tensor] = {}
         self.observe_seq: Optional[int] = None
+        self.windows: List[int] = []
         self._prompt_special: Optional[List[torch.Tensor]] = None
         self.profiling_seconds = 0.0  # wall time of the policy choice and the first compaction's keep masks
 
@@ -76,6 +77,9 @@ class FastGen(CompressionMethod):
             lo, hi = start_pos, min(start_pos + seqlen, len(prompt_special))
             if lo < hi:
                 special[b, : hi - lo] |= prompt_special[lo:hi]
+        # local windows of the sequences still reading their prompt (0: no band sums for that sequence)
+        self.windows = [int(self.local.window(torch.tensor(n))) if pend else 0
+                        for n, pend in zip(cache.prompt_lens, cache.pending)]
         self.observe_seq = None
         if self.observer is not None and start_pos == 0 and any(cache.pass_.finishing):
             # heatmaps need the whole prompt's rows in one pass: the first sequence whose prompt ends in it
@@ -84,9 +88,8 @@ class FastGen(CompressionMethod):
 
     def stats_request(self, cache: CompressedCache, layer_id: int) -> Optional[StatsRequest]:
         if any(cache.pending):
-            windows = [int(self.local.window(torch.tensor(n))) if pend else 0
-                       for n, pend in zip(cache.prompt_lens, cache.pending)]
-            return StatsRequest(band_windows=windows, gqa=self.config.gqa_aggregation, heatmap_seq=self.observe_seq)
+            return StatsRequest(band_windows=self.windows, gqa=self.config.gqa_aggregation,
+                                heatmap_seq=self.observe_seq)
         if layer_id in self.scored_layers:
             return StatsRequest(gqa=self.config.gqa_aggregation)
         return None
