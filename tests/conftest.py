@@ -253,3 +253,23 @@ def write_hf_folder(out_dir: Path, params: Dict, native: Dict[str, torch.Tensor]
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     write_hf_tokenizer(out_dir, params["vocab_size"])
     return out_dir
+
+
+SMOLLM2_TOKENIZER = REPO / "models" / "SmolLM2-135M-Instruct" / "tokenizer.gguf"
+
+
+@pytest.fixture(scope="session", params=["llama2", "chatml"])
+def task_builder(request, stories_dir):
+    """benchmarks.tasks.TaskBuilder for each chat format: Llama 2 `[INST]` (stories260K's SentencePiece
+    tokenizer) and ChatML (SmolLM2's BPE tokenizer; skipped where the converted model is absent)."""
+    from benchmarks.tasks import TaskBuilder, TaskText
+    from llama.chat_format import chat_format_for
+    from llama.tokenizer import load_tokenizer
+
+    if request.param == "chatml" and not SMOLLM2_TOKENIZER.is_file():
+        pytest.skip(f"{SMOLLM2_TOKENIZER} not converted")
+    path = stories_dir / "tokenizer.model" if request.param == "llama2" else SMOLLM2_TOKENIZER
+    tok = load_tokenizer(str(path))
+    fmt = chat_format_for(tok)
+    assert type(fmt).__name__ == ("Llama2ChatFormat" if request.param == "llama2" else "HeaderChatFormat")
+    return TaskBuilder(TaskText(tok), fmt)
