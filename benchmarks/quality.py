@@ -1,44 +1,52 @@
 """Quality against KV memory of FastGen and of fixed-policy baselines, measured on the same inputs in one run.
 
-    python -m benchmarks.quality --quick                      # stories260K, a few minutes on 2 CPU cores
-    python -m benchmarks.quality --ckpt_dir models/SmolLM2-135M-Instruct --text ../shared/data/tinystories_valid.txt
+    python -m benchmarks.quality --quick                      # stories260K, under a minute of one core
+    python -m benchmarks.quality --threads 1                  # SmolLM2-135M-Instruct: the full run (README)
 
 Writes ``quality.json``, ``quality.csv`` and ``quality.png`` to ``--out`` (default ``benchmarks/results/``) and
-prints a table.
+prints a table; ``python -m benchmarks.tables`` renders the README's tables from the JSON.
 
 What is measured
 ----------------
-Settings: ``uncompressed`` (the dense cache, ``set_kv_config(None)``), FastGen at each ``--T``, and the
-fixed-policy baselines (below). Every setting sees the same inputs in the same process.
+Settings: ``uncompressed`` (the dense cache, ``set_kv_config(None)``), FastGen at each ``--T``, any extra kv
+config (``--setting NAME=CONFIG``) and the fixed-policy baselines (below). Every setting sees the same inputs in
+the same process; a setting is a named kv config, so a new method adds rows without code here.
 
-* Teacher forcing. ``--n_prompts`` windows of the text, each ``P = --prompt_len`` prompt tokens followed by
-  ``C = --cont_len`` continuation tokens (plus the one they predict). The prompt is prefilled, then the C
-  continuation tokens are fed one decode step at a time through the setting's cache (the compressed decode
-  path); the logits of the step at position ``pos`` predict token ``pos + 1``, so all C scored predictions come
-  from compressed decode steps. Per setting: perplexity over those C tokens and its ratio to uncompressed, top-1
-  agreement with and mean KL(uncompressed || setting) against the uncompressed next-token distributions, and
-  next-token accuracy against the text.
+* Tasks (`benchmarks.tasks`): RULER-style prompts in the model's chat format (single needle, multi-key,
+  multi-value, variable tracking, common words, a fact stated early in a multi-turn conversation) at each of
+  ``--lengths`` tokens and ``--depths``, ``--trials`` items per (task, length, depth), from ``--seed``. Each
+  setting answers greedily from its own cache (prefill, then decode steps); a reply scores the share of the
+  expected values it contains as whole words (0 when a distractor comes first). *Calibration*: the uncompressed
+  model runs every (task, length) cell first; the cells where its accuracy is below ``--min_accuracy`` are
+  dropped (recorded in ``tasks.calibration`` with the reason) and the other settings run only the kept cells.
+  Reported per setting: accuracy (mean score) overall, by task x length, task, length and depth, the share of
+  fully correct items, and the KV memory ratio on these prompts; ``tasks.manifest`` lists every item (prompt
+  hash, answers) and ``tasks.costs`` the seconds per cell and setting.
+* Teacher forcing. ``--n_prompts`` windows from each of ``--texts`` (Shakespeare and TinyStories by default),
+  each ``P = --prompt_len`` prompt tokens followed by ``C = --cont_len`` continuation tokens (plus the one they
+  predict). The prompt is prefilled, then the C continuation tokens are fed one decode step at a time through
+  the setting's cache (the compressed decode path); the logits of the step at position ``pos`` predict token
+  ``pos + 1``, so all C scored predictions come from compressed decode steps. Per setting: perplexity over those
+  tokens and its ratio to uncompressed, top-1 agreement with and mean KL(uncompressed || setting) against the
+  uncompressed next-token distributions, and next-token accuracy against the text. *Intervals*: per-window sums
+  are kept (``windows``) and `paired_bootstrap` resamples windows (the same draws for the setting and the
+  uncompressed reference, 2,000 draws, seed ``--seed``) for 95% percentile intervals of the perplexity ratio,
+  KL and top-1 agreement (``ci``; per text in ``ci_by_text``). Call a row better than another only when the
+  intervals say so.
 * Memory. ``cache.memory_stats()`` is sampled after every decode step: ``kv_bytes_mean`` / ``kv_bytes_peak`` are
   the allocated K/V buffer bytes per sequence (mean over decode steps, and peak). ``mem_ratio`` divides by the
   uncompressed cache of the same run, i.e. the dense cache as ``Llama.generate`` allocates it (its capacity is
   the whole prompt + continuation from the start, so it is constant); ``mem_ratio_exact`` divides instead by an
   exactly sized uncompressed cache of the tokens held at each step (what FastGen's ``raw_bytes`` counts), so
   slack shows as > 1 at T = 1. ``metadata_bytes_mean`` is the compressed cache's per-slot bookkeeping
-  (positions, classes, scores: 13 bytes a slot), not included in kv_bytes; ``mem_ratio_incl_metadata`` adds it
-  (it matters for small heads: 20% of the K/V bytes at head_dim 8 in float32, 2.5% at head_dim 64).
+  (positions, classes, scores: 13 bytes a slot), not included in kv_bytes; ``mem_ratio_incl_metadata`` adds it.
 * ``recovery_mean``: the attention recovery of the chosen policy of every (layer, sequence, KV head), averaged
   (1 for uncompressed); ``policy_mix``: the share of heads per chosen policy.
-* Greedy generation agreement: ``--gen_len`` greedy tokens from each prompt; per setting the number of tokens
-  identical to uncompressed before the first divergence (mean, and as a share of the uncompressed length),
-  the share of fully identical generations and ROUGE-L F1 of the texts (an LCS over whitespace words).
-  Generations are cut at the tokenizer's stop tokens.
-* Retrieval: a fact ("<name>'s secret word is <word>.") planted at each of ``--retrieval_depths`` (share of the
-  filler before it) in prompts of each of ``--retrieval_lengths`` tokens (default: up to the model's context),
-  filler from the text. The prompt (the document) is prefilled and profiled; the question ("What is <name>'s
-  secret word? <name>'s secret word is") and the answer are then teacher-forced through decode steps, so the
-  question is answered from the compressed cache. A trial is correct when every answer token is the top-1
-  prediction (what greedy decoding would produce). Reported per setting: accuracy, per depth and per length,
-  token accuracy, mean answer log-probability, and the memory ratio on these prompts.
+* Greedy generation agreement (``--gen_len`` > 0; off in the full run, whose tasks are greedy generation):
+  greedy tokens from each window's prompt; per setting the tokens identical to uncompressed before the first
+  divergence, the share of identical generations and ROUGE-L F1.
+* Time: ``timings_s`` (wall) and ``timings_cpu_s`` (this process's CPU seconds, what the run costs one core
+  when other jobs share the machine); ``seconds`` / ``cpu_seconds`` per row.
 
 Fixed-policy baselines
 ----------------------
@@ -48,10 +56,11 @@ special+punct+frequent+local) through the same FastGen cache: ``FastGenConfig(T=
 that is the hybrid for every head. Its ratio x (r_l, r_f, or both set to the same value when both are present)
 is chosen per FastGen T < 1 so that the baseline's mean allocated KV bytes on the teacher-forcing inputs equal
 FastGen's at that T: a safeguarded bisection (alternating regula-falsi and midpoint steps) on x in
-[1e-3, 1] for at most ``--bisect_iters`` evaluations, stopping within ``--match_tol`` (relative); the best
-evaluated x is kept and its relative error reported (``match_rel_error``; ``matched`` false when it is outside
-the tolerance, e.g. when FastGen uses less memory than the hybrid's special+punct floor). The curves therefore
-compare at equal memory. Retrieval runs the baselines with the same x.
+[1e-3, 1] for at most ``--bisect_iters`` evaluations on ``--match_windows`` windows (memory only), stopping
+within ``--match_tol`` (relative); the best evaluated x is then evaluated on every window and its relative
+memory error there reported (``match_rel_error``; ``matched`` false when it is outside the tolerance, e.g. when
+FastGen uses less memory than the hybrid's special+punct floor). The curves therefore compare at equal memory.
+The tasks run the baselines with the same x (their memory ratio on the task prompts is reported separately).
 
 Prefill replay
 --------------
@@ -67,8 +76,8 @@ returns statistics).
 """
 
 import argparse
+import dataclasses
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,20 +106,21 @@ from benchmarks import (
 from llama.attention import attend
 from llama.kv_cache import KVCache
 
+from benchmarks.tasks import TASKS, Item, TaskBuilder, TaskText, cells, make_items, manifest, score
+
 DEFAULT_BASELINES = ("special+punct+local", "special+punct+frequent", "special+punct+frequent+local")
+DEFAULT_TEXTS = (LONG_TEXT, DEFAULT_TEXT)  # two kinds of text: Shakespeare's plays, children's stories
 
-QUICK = dict(prompt_len=256, cont_len=32, n_prompts=4, gen_len=24, T=[1.0, 0.95, 0.8], bisect_iters=6,
-             retrieval_fracs=(0.3, 1.0), retrieval_depths=[0.1, 0.5, 0.9], retrieval_trials=1)
-# Sized to finish in about an hour on one CPU core with SmolLM2 (P = 2048, retrieval up to 8k).
-FULL = dict(prompt_len=None, cont_len=32, n_prompts=6, gen_len=32, T=[1.0, 0.95, 0.8],
-            bisect_iters=4, retrieval_fracs=(0.25, 0.5, 1.0), retrieval_depths=[0.1, 0.5, 0.9],
-            retrieval_trials=1)
+# --quick: stories260K (context 512), every task cell kept (the tiny model answers none: it checks the pipeline).
+QUICK = dict(prompt_len=256, cont_len=32, n_prompts=2, gen_len=16, T=[1.0, 0.95, 0.9], bisect_iters=3,
+             match_windows=None, lengths=[320, 480], depths=[0.5], trials=1, min_accuracy=0.0, max_answer=8)
+# The full run (SmolLM2, one thread): sized to fit 90 minutes, see the README's "Budget".
+FULL = dict(prompt_len=None, cont_len=64, n_prompts=8, gen_len=0, T=[1.0, 0.95, 0.9], bisect_iters=4,
+            match_windows=2, lengths=[1000, 2000], depths=[0.1, 0.5, 0.9], trials=2, min_accuracy=0.7,
+            max_answer=None)
 
-NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Anna", "Tim", "Lucy", "Jack", "Emma"]
-WORDS = ["apple", "kite", "frog", "drum", "boat", "hat", "star", "cake", "shoe", "bird", "lamp", "rock", "moon",
-         "sock", "bell", "leaf", "train", "horse", "cup", "tree"]
 REPLAY_TOL = 1e-3  # decode logits with and without prefill replay: float rounding of different kernels
-RETRIEVAL_ROOM = 48  # tokens kept free after a retrieval prompt for the question and the answer
+N_BOOT = 2000  # bootstrap draws
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,8 +129,13 @@ RETRIEVAL_ROOM = 48  # tokens kept free after a retrieval prompt for the questio
 
 @dataclass
 class Setting:
+    """One row of the results: a named KV config (None: the dense cache) that every measurement runs.
+
+    New methods add rows as settings built from their kv configs (`config_setting`, ``--setting NAME=CONFIG``).
+    """
+
     name: str
-    kind: str  # "uncompressed" | "fastgen" | "fixed"
+    kind: str  # "uncompressed" | "fastgen" | "fixed" | "config"
     config: object = None  # FastGenConfig or None
     T: Optional[float] = None
     policy: Optional[str] = None  # the forced hybrid of a fixed baseline
@@ -131,6 +146,16 @@ class Setting:
 def fastgen_setting(base, T: float) -> Setting:
     cfg = base.replace(T=float(T))
     return Setting(f"fastgen T={T:g}", "fastgen", cfg, T=float(T))
+
+
+def config_setting(name: str, config) -> Setting:
+    """A setting from any kv config (a FastGenConfig, a dict of overrides, a JSON file path)."""
+    from adaptive_kv_cache.config import resolve_kv_config
+
+    cfg = resolve_kv_config(config)
+    if cfg is None:
+        raise ValueError(f"setting {name!r}: the config resolves to no compression; use the uncompressed row")
+    return Setting(name, "config", cfg, T=getattr(cfg, "T", None))
 
 
 def fixed_setting(base, hybrid: str, x: float, T: Optional[float]) -> Setting:
@@ -203,6 +228,7 @@ class Batch:
     rec_last: Optional[torch.Tensor] = None  # (bsz, V) last prefill logits
     ref_logp: Optional[List[torch.Tensor]] = None  # per step (bsz, V) uncompressed log-probs (float64)
     ref_greedy: Optional[List[List[int]]] = None
+    full_prompts: Optional[List[List[int]]] = None  # prompts longer than prompt_len (tasks): the rest is forced
 
     @property
     def bsz(self) -> int:
@@ -210,7 +236,8 @@ class Batch:
 
     @property
     def prompts(self) -> List[List[int]]:
-        return self.tokens[:, : self.prompt_len].tolist()
+        """The whole prompts (the cache matches chat markers on them)."""
+        return self.full_prompts or self.tokens[:, : self.prompt_len].tolist()
 
 
 def exact_kv_bytes(model, bsz: int, n_tokens: int) -> int:
@@ -291,6 +318,35 @@ class Run:
                 bar.update(1)
         return torch.stack(out, 1).tolist()
 
+    def answer(self, n: int, stop) -> List[List[int]]:
+        """Greedy answers of up to n tokens to prompts of uneven lengths (`batch.full_prompts`).
+
+        The shortest prompt is prefilled (the tokens [0, prompt_len) of every sequence), the rest of the longer
+        prompts is fed through decode steps (as `Llama.generate` does), then each sequence answers greedily until
+        a stop token or n tokens; the batch stops when every sequence has.
+        """
+        b = self.batch
+        prompts = b.prompts
+        lens = [len(p) for p in prompts]
+        logits = self.prefill()
+        out: List[List[int]] = [[] for _ in prompts]
+        done = [False] * b.bsz
+        for pos in range(b.prompt_len, max(lens) + n):
+            pred = logits.argmax(-1).tolist()
+            feed = []
+            for k, p in enumerate(prompts):
+                if pos < lens[k]:
+                    feed.append(p[pos])
+                    continue
+                if not done[k] and len(out[k]) < n:
+                    out[k].append(pred[k])
+                    done[k] = pred[k] in stop or len(out[k]) == n
+                feed.append(pred[k])
+            if all(done):
+                break
+            logits = self.step(torch.tensor(feed, dtype=torch.long, device=b.tokens.device), pos)
+        return [cut_at_stop(o, stop) for o in out]
+
     # --- what the final cache says ---
 
     def policy_counts(self) -> Dict[str, int]:
@@ -350,41 +406,84 @@ def _logp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forced(llama, setting: Setting, batches: Sequence[Batch], replay: bool, bar=None) -> Dict:
-    """Teacher-forces every batch through the setting's cache; the first (uncompressed) call records refs."""
+    """Teacher-forces every batch through the setting's cache; the first (uncompressed) call records refs.
+
+    Besides the means, the row holds per-window sums (``windows``: nll, kl, agree, correct and scored tokens of
+    each window, in batch order) for the paired bootstrap against the uncompressed row.
+    """
     acc = Acc()
+    per_window: Dict[str, List[float]] = {"nll": [], "kl": [], "agree": [], "correct": [], "n": []}
     for b in batches:
         is_ref = setting.config is None and b.ref_logp is None
         if is_ref:
             b.ref_logp = []
         run = Run(llama, setting, b, replay=replay, record=is_ref and replay)
+        sums = {k: torch.zeros(b.bsz, dtype=torch.float64) for k in per_window}
 
-        def on_logits(i, logits, b=b, is_ref=is_ref):
+        def on_logits(i, logits, b=b, is_ref=is_ref, sums=sums):
             lp = _logp(logits)
             target = b.tokens[:, b.prompt_len + i + 1]
-            acc.nll -= float(lp.gather(-1, target[:, None]).sum())
-            acc.n += b.bsz
+            sums["nll"] -= lp.gather(-1, target[:, None])[:, 0]
+            sums["n"] += 1
             pred = lp.argmax(-1)
-            acc.correct += int((pred == target).sum())
+            sums["correct"] += (pred == target).double()
             if is_ref:
                 b.ref_logp.append(lp)
-                acc.agree += b.bsz
+                sums["agree"] += 1
                 return
             ref = b.ref_logp[i]
-            acc.agree += int((pred == ref.argmax(-1)).sum())
-            acc.kl += float((ref.exp() * (ref - lp)).sum())
+            sums["agree"] += (pred == ref.argmax(-1)).double()
+            sums["kl"] += (ref.exp() * (ref - lp)).sum(-1)
 
         run.teacher_force(on_logits, bar)
         acc.add_memory(run)
+        for k in per_window:
+            per_window[k] += sums[k].tolist()
+    n = sum(per_window["n"])
     row = acc.memory_row()
     row.update(
-        nll_mean=acc.nll / acc.n,
-        ppl=math.exp(acc.nll / acc.n),
-        top1_agreement=acc.agree / acc.n,
-        kl_mean=acc.kl / acc.n,
-        next_token_acc=acc.correct / acc.n,
-        scored_tokens=acc.n,
+        nll_mean=sum(per_window["nll"]) / n,
+        ppl=math.exp(sum(per_window["nll"]) / n),
+        top1_agreement=sum(per_window["agree"]) / n,
+        kl_mean=sum(per_window["kl"]) / n,
+        next_token_acc=sum(per_window["correct"]) / n,
+        scored_tokens=int(n),
+        windows=per_window,
     )
     return row
+
+
+def paired_bootstrap(ref: Dict[str, Sequence[float]], alt: Dict[str, Sequence[float]], n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> Dict[str, List[float]]:
+    """Percentile bootstrap intervals of a setting's teacher-forced metrics against the uncompressed ones.
+
+    The unit resampled is the window (its tokens are correlated), the same draws for both settings (paired):
+    each draw sums nll, kl, agree and n over the drawn windows, then ppl_ratio = exp((nll_alt - nll_ref) / n),
+    kl_mean = kl_alt / n and top1_agreement = agree_alt / n. A pure function of its inputs and seed.
+
+    Args:
+        ref, alt: per-window sums {"nll", "kl", "agree", "n"}, windows in the same order (n: scored tokens).
+        n_boot: bootstrap draws.
+        seed: seed of the draws (torch.Generator).
+        level: coverage of the interval.
+
+    Returns:
+        {"ppl_ratio": [lo, hi], "kl_mean": [lo, hi], "top1_agreement": [lo, hi]}.
+    """
+    m = len(ref["n"])
+    if m == 0 or len(alt["n"]) != m or list(map(float, alt["n"])) != list(map(float, ref["n"])):
+        raise ValueError("paired bootstrap: the settings must score the same windows")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, m, (n_boot, m), generator=g)  # (n_boot, m) drawn windows
+
+    def drawn(d, key):  # (n_boot,) sums over the drawn windows
+        return torch.tensor(d[key], dtype=torch.float64)[idx].sum(1)
+
+    n = drawn(ref, "n")
+    stats = {"ppl_ratio": torch.exp((drawn(alt, "nll") - drawn(ref, "nll")) / n),
+             "kl_mean": drawn(alt, "kl") / n, "top1_agreement": drawn(alt, "agree") / n}
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {k: torch.quantile(v, q).tolist() for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,103 +543,86 @@ def greedy_agreement(llama, setting: Setting, batches: Sequence[Batch], n: int, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# retrieval
+# tasks (benchmarks.tasks): greedy answers from each setting's cache, calibrated on the uncompressed model
 
 
-def retrieval_items(tokenizer, stream: List[int], lengths, depths, trials, rng: random.Random, bos):
-    """Prompts with one planted fact each, and the question + answer continuations."""
-    items = []
-    for L in lengths:
-        for d in depths:
-            for _ in range(trials):
-                name, word = rng.choice(NAMES), rng.choice(WORDS)
-                fact = tokenizer.encode(f" {name}'s secret word is {word}. ", bos=False, eos=False)
-                q_text = f"\nWhat is {name}'s secret word? {name}'s secret word is"
-                q = tokenizer.encode(q_text, bos=False, eos=False)
-                qa = tokenizer.encode(f"{q_text} {word}.", bos=False, eos=False)
-                if qa[: len(q)] != q:  # the answer merged into the question's last token: keep it whole
-                    q = qa[: len(q) - 1]
-                n_fill = L - len(bos) - len(fact)
-                if n_fill < 1:
-                    raise ValueError(f"retrieval length {L} is too short for the fact ({len(fact)} tokens)")
-                start = rng.randrange(len(stream))
-                fill = [stream[(start + i) % len(stream)] for i in range(n_fill)]
-                at = int(round(d * n_fill))
-                prompt = bos + fill[:at] + fact + fill[at:]
-                answer = qa[len(q):]
-                # the answer word: drop a trailing "." piece so that only the word itself is scored
-                dot = tokenizer.encode(f"{q_text} {word}", bos=False, eos=False)[len(q):]
-                if dot and dot == answer[: len(dot)]:
-                    answer = dot
-                items.append({"length": L, "depth": d, "name": name, "word": word, "prompt": prompt,
-                              "question": q, "answer": answer, "cont": qa[len(q):]})
-    return items
+def task_batches(items: Sequence[Item], max_batch_tokens: int) -> List[Batch]:
+    """Items of one cell in batches of at most max_batch_tokens prompt tokens (prompts may differ by a few
+    tokens: the shortest is prefilled, the rest forced through decode steps; see `Run.answer`)."""
+    if not items:
+        return []
+    per = max(1, max_batch_tokens // max(len(it.prompt) for it in items))
+    out = []
+    for i in range(0, len(items), per):
+        part = list(items[i: i + per])
+        prompts = [list(it.prompt) for it in part]
+        width = max(map(len, prompts))
+        n = max(it.max_gen_len for it in part)
+        rows = [p + [p[-1]] * (width - len(p)) for p in prompts]  # padding is never fed
+        short = min(map(len, prompts))
+        out.append(Batch(tokens=torch.tensor(rows), prompt_len=short, steps=width + n - short, meta=part,
+                         full_prompts=prompts))
+    return out
 
 
-def retrieval_batches(items, max_batch_tokens: int) -> List[Batch]:
-    by_len: Dict[int, List[Dict]] = {}
-    for it in items:
-        by_len.setdefault(len(it["prompt"]), []).append(it)
-    batches = []
-    for L, group in sorted(by_len.items()):
-        per = max(1, max_batch_tokens // L)
-        for i in range(0, len(group), per):
-            part = group[i: i + per]
-            conts = [it["question"] + it["cont"] for it in part]
-            width = max(len(c) for c in conts)
-            rows, score = [], []
-            for it, c in zip(part, conts):
-                c = c + [c[-1]] * (width - len(c))  # padding after the answer is never scored
-                rows.append(it["prompt"] + c)
-                # decode step i feeds position L + i and predicts position L + i + 1
-                s = [False] * (width - 1)
-                for k in range(len(it["answer"])):
-                    s[len(it["question"]) + k - 1] = True
-                score.append(s)
-            batches.append(Batch(tokens=torch.tensor(rows), prompt_len=L, steps=width - 1,
-                                 score=torch.tensor(score), meta=part))
-    return batches
-
-
-def retrieval_pass(llama, setting: Setting, b: Batch, replay: bool) -> Tuple[List[Dict], Run]:
-    """Per item: correct (all answer tokens top-1), token hits, answer log-probability."""
+def task_pass(llama, setting: Setting, b: Batch, replay: bool, stop) -> Tuple[List[Dict], Run]:
+    """Each item's reply from the setting's cache and its score (`tasks.score`)."""
     record = setting.config is None and b.rec is None and replay
     run = Run(llama, setting, b, replay=replay, record=record)
-    hits = torch.zeros(b.bsz, dtype=torch.long)
-    logp = torch.zeros(b.bsz, dtype=torch.float64)
-
-    def on_logits(i, logits):
-        lp = _logp(logits)
-        target = b.tokens[:, b.prompt_len + i + 1]
-        s = b.score[:, i]
-        hits.add_((lp.argmax(-1) == target) & s)
-        logp.add_(lp.gather(-1, target[:, None])[:, 0] * s)
-
-    run.teacher_force(on_logits)
+    replies = run.answer(max(it.max_gen_len for it in b.meta), stop)
     out = []
-    for k, it in enumerate(b.meta):
-        n_ans = len(it["answer"])
-        out.append({"length": it["length"], "depth": it["depth"], "correct": int(hits[k]) == n_ans,
-                    "token_acc": int(hits[k]) / n_ans, "answer_logprob": float(logp[k]) / n_ans})
+    for it, ids in zip(b.meta, replies):
+        text = llama.tokenizer.decode(ids[: it.max_gen_len])
+        s = score(text, it.answers, it.distractors)
+        out.append({"task": it.task, "length": it.length, "depth": it.depth, "trial": it.trial, "score": s,
+                    "correct": s == 1.0, "reply": text})
     return out, run
 
 
-def summarize_retrieval(results: List[Dict], acc: Acc, ref_mem: float) -> Dict:
-    m = len(results)
-    by_depth: Dict[str, List[bool]] = {}
-    by_len: Dict[str, List[bool]] = {}
+def calibrate(results: Sequence[Dict], min_accuracy: float) -> List[Dict]:
+    """Per (task, length) cell: the uncompressed accuracy (mean score) and whether the suite keeps the cell.
+
+    Args:
+        results: the uncompressed model's item results (task, length, score).
+        min_accuracy: a cell is kept when the uncompressed accuracy reaches it.
+
+    Returns:
+        rows {task, length, items, uncompressed_accuracy, kept, reason} in first-seen cell order.
+    """
+    cells: Dict[Tuple[str, int], List[float]] = {}
     for r in results:
-        by_depth.setdefault(f"{r['depth']:g}", []).append(r["correct"])
-        by_len.setdefault(str(r["length"]), []).append(r["correct"])
-    mem = acc.memory_row()
+        cells.setdefault((r["task"], r["length"]), []).append(r["score"])
+    rows = []
+    for (task, length), scores in cells.items():
+        acc = sum(scores) / len(scores)
+        kept = acc >= min_accuracy
+        reason = None if kept else f"uncompressed accuracy {acc:.2f} < {min_accuracy:.2f}: the model cannot do it"
+        rows.append({"task": task, "length": length, "items": len(scores), "uncompressed_accuracy": acc,
+                     "kept": kept, "reason": reason})
+    return rows
+
+
+def _means(results: Sequence[Dict], key) -> Dict[str, float]:
+    groups: Dict[str, List[float]] = {}
+    for r in results:
+        groups.setdefault(key(r), []).append(r["score"])
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def summarize_tasks(results: Sequence[Dict], acc: Acc, ref_mem: float) -> Dict:
+    """A setting's accuracy (mean score, partial credit) overall, by task x length, task, length and depth, the
+    share of fully correct items and its KV memory ratio on the task prompts."""
+    if not results:
+        return {"task_accuracy": None, "task_items": 0}
     return {
-        "retrieval_accuracy": sum(r["correct"] for r in results) / m,
-        "retrieval_token_accuracy": sum(r["token_acc"] for r in results) / m,
-        "retrieval_answer_logprob": sum(r["answer_logprob"] for r in results) / m,
-        "retrieval_mem_ratio": mem["kv_bytes_mean"] / ref_mem,
-        "retrieval_by_depth": {k: sum(v) / len(v) for k, v in by_depth.items()},
-        "retrieval_by_length": {k: sum(v) / len(v) for k, v in by_len.items()},
-        "retrieval_trials": m,
+        "task_accuracy": sum(r["score"] for r in results) / len(results),
+        "task_exact": sum(r["correct"] for r in results) / len(results),
+        "task_mem_ratio": acc.memory_row()["kv_bytes_mean"] / ref_mem,
+        "task_items": len(results),
+        "by_cell": _means(results, lambda r: f"{r['task']}@{r['length']}"),
+        "by_task": _means(results, lambda r: r["task"]),
+        "by_length": _means(results, lambda r: str(r["length"])),
+        "by_depth": _means([r for r in results if r["depth"] is not None], lambda r: f"{r['depth']:g}"),
     }
 
 
@@ -622,7 +704,11 @@ def bos_prefix(tokenizer, mode: str) -> List[int]:
 
 
 def quality_batches(stream, bos, P, C, N, max_batch_tokens) -> Tuple[List[Batch], bool]:
-    """N windows of P + C + 1 tokens (BOS first when used), spread evenly over the stream."""
+    """N windows of P + C + 1 tokens (BOS first when used), spread evenly over the stream.
+
+    Returns the batches and whether windows overlap (a short text; their scored tokens stay apart when the
+    text holds N * C tokens beyond one window).
+    """
     width = P + C + 1 - len(bos)
     overlap = len(stream) < N * width
     if len(stream) < width:
@@ -635,81 +721,126 @@ def quality_batches(stream, bos, P, C, N, max_batch_tokens) -> Tuple[List[Batch]
             for i in range(0, N, per)], overlap
 
 
+def sub_batch(b: Batch, k: int, steps: Optional[int] = None) -> Batch:
+    """The first k sequences (and steps) of a batch, sharing its recorded prefill and reference."""
+    steps = b.steps if steps is None else steps
+    return Batch(tokens=b.tokens[:k, : b.prompt_len + steps + 1], prompt_len=b.prompt_len, steps=steps,
+                 rec=[tuple(t[:k] for t in layer) for layer in b.rec] if b.rec else None,
+                 rec_last=b.rec_last[:k] if b.rec_last is not None else None,
+                 ref_logp=[lp[:k] for lp in b.ref_logp[:steps]] if b.ref_logp is not None else None)
+
+
+def memory_pass(llama, setting: Setting, batches: Sequence[Batch], replay: bool) -> Dict:
+    """Mean allocated KV bytes of a setting teacher-forced over the batches (no quality metrics)."""
+    acc = Acc()
+    for b in batches:
+        run = Run(llama, setting, b, replay=replay)
+        run.teacher_force(lambda i, lg: None)
+        acc.add_memory(run)
+    return acc.memory_row()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # output
 
 
 COLUMNS = ["name", "kind", "T", "policy", "ratio", "r_l", "r_f", "kv_bytes_mean", "kv_bytes_peak", "mem_ratio",
            "peak_ratio", "mem_ratio_exact", "metadata_bytes_mean", "mem_ratio_incl_metadata", "ppl", "ppl_ratio",
-           "top1_agreement", "kl_mean", "next_token_acc", "recovery_mean", "policy_mix", "greedy_prefix_mean",
-           "greedy_prefix_frac", "greedy_identical", "rouge_l", "retrieval_accuracy", "retrieval_token_accuracy",
-           "retrieval_answer_logprob", "retrieval_mem_ratio", "matched", "match_rel_error", "seconds"]
+           "ppl_ratio_lo", "ppl_ratio_hi", "top1_agreement", "top1_agreement_lo", "top1_agreement_hi", "kl_mean",
+           "kl_mean_lo", "kl_mean_hi", "next_token_acc", "recovery_mean", "policy_mix", "greedy_prefix_mean",
+           "greedy_prefix_frac", "greedy_identical", "rouge_l", "task_accuracy", "task_exact", "task_mem_ratio",
+           "task_items", "matched", "match_rel_error", "seconds"]
+CI_KEYS = ("ppl_ratio", "kl_mean", "top1_agreement")
 
 
 def csv_row(row: Dict) -> Dict:
     out = dict(row)
     out["policy_mix"] = ";".join(f"{k}:{v:.4f}" for k, v in row.get("policy_mix", {}).items())
+    for k in CI_KEYS:
+        lo, hi = (row.get("ci") or {}).get(k, (None, None))
+        out[f"{k}_lo"], out[f"{k}_hi"] = lo, hi
     for k, v in list(out.items()):
         if isinstance(v, float):
             out[k] = f"{v:.6g}"
     return out
 
 
+def _group(r: Dict) -> str:
+    return {"fastgen": "FastGen", "fixed": r.get("policy"), "uncompressed": "uncompressed"}.get(r["kind"], r["name"])
+
+
 def plot(result: Dict, path: Path) -> None:
+    """Task accuracy and the teacher-forced metrics (95% intervals as error bars) against KV memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["settings"]
-    panels = [("ppl_ratio", "perplexity / uncompressed"), ("top1_agreement", "top-1 agreement with uncompressed"),
-              ("greedy_prefix_frac", "greedy tokens identical before divergence (share)")]
-    if any(r.get("retrieval_accuracy") is not None for r in rows):
-        panels.append(("retrieval_accuracy", "retrieval accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
+    panels = [("task_accuracy", "task_mem_ratio", "task accuracy (kept cells)"),
+              ("ppl_ratio", "mem_ratio", "perplexity / uncompressed"),
+              ("top1_agreement", "mem_ratio", "top-1 agreement with uncompressed"),
+              ("kl_mean", "mem_ratio", "KL(uncompressed || setting)")]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
     groups: Dict[str, List[Dict]] = {}
     for r in rows:
-        key = "FastGen" if r["kind"] == "fastgen" else (r["policy"] if r["kind"] == "fixed" else "uncompressed")
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(_group(r), []).append(r)
     markers = {"FastGen": "o-", "uncompressed": "k*"}
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, xkey, label) in zip(axes[0], panels):
         for g, rs in groups.items():
-            pts = sorted((r["mem_ratio"], r.get(key)) for r in rs if r.get(key) is not None)
+            pts = sorted((r[xkey], r[key], (r.get("ci") or {}).get(key), r) for r in rs
+                         if r.get(key) is not None and r.get(xkey) is not None)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], markers.get(g, "s--"), label=g,
-                    markersize=10 if g == "uncompressed" else 5)
-            if g == "FastGen":
-                for r in rs:
-                    if r.get(key) is not None:
-                        ax.annotate(f"T={r['T']:g}", (r["mem_ratio"], r[key]), fontsize=7,
-                                    textcoords="offset points", xytext=(3, 3))
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            err = None
+            if all(p[2] for p in pts):
+                err = [[y - p[2][0] for y, p in zip(ys, pts)], [p[2][1] - y for y, p in zip(ys, pts)]]
+            ax.errorbar(xs, ys, yerr=err, fmt=markers.get(g, "s--"), label=g, capsize=2,
+                        markersize=10 if g == "uncompressed" else 5)
+            for x, y, _, r in pts:
+                if r["kind"] == "fastgen":
+                    ax.annotate(f"T={r['T']:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("KV memory / uncompressed (mean allocated)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{result['model']['name']}: P={result['prompt_len']}, C={result['cont_len']}, "
-                 f"{result['n_prompts']} prompts ({Path(result['text']).name})", fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    texts = ", ".join(Path(t).name for t in result["texts"])
+    fig.suptitle(f"{result['model']['name']}: tasks at {result['tasks']['lengths'] if result.get('tasks') else '-'}"
+                 f" tokens; teacher forcing P={result['prompt_len']}, C={result['cont_len']}, "
+                 f"{result['n_windows']} windows ({texts}); bars: 95% bootstrap intervals", fontsize=9)
     save_figure(fig, path)
     plt.close(fig)
 
 
 def print_table(rows: List[Dict], file=sys.stdout) -> None:
-    head = f"{'setting':44s} {'mem':>6s} {'peak':>6s} {'ppl':>8s} {'ppl_r':>7s} {'top1':>6s} {'KL':>8s} " \
-           f"{'rec':>6s} {'gprefix':>7s} {'rougeL':>6s} {'retr':>5s}"
+    head = f"{'setting':44s} {'mem':>6s} {'ppl_r':>7s} {'95% CI':>17s} {'top1':>6s} {'KL':>8s} {'rec':>6s} " \
+           f"{'tasks':>6s} {'t_mem':>6s}"
     print(head, file=file)
     for r in rows:
         def g(k, fmt):
             v = r.get(k)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        print(f"{r['name'][:44]:44s} {g('mem_ratio', '6.3f')} {g('peak_ratio', '6.3f')} {g('ppl', '8.3f')} "
-              f"{g('ppl_ratio', '7.4f')} {g('top1_agreement', '6.3f')} {g('kl_mean', '8.5f')} "
-              f"{g('recovery_mean', '6.3f')} {g('greedy_prefix_mean', '7.1f')} {g('rouge_l', '6.3f')} "
-              f"{g('retrieval_accuracy', '5.2f')}", file=file)
+        lo, hi = (r.get("ci") or {}).get("ppl_ratio", (None, None))
+        ci = f"[{lo:.4f}, {hi:.4f}]" if lo is not None else "-"
+        print(f"{r['name'][:44]:44s} {g('mem_ratio', '6.3f')} {g('ppl_ratio', '7.4f')} {ci:>17s} "
+              f"{g('top1_agreement', '6.3f')} {g('kl_mean', '8.5f')} {g('recovery_mean', '6.3f')} "
+              f"{g('task_accuracy', '6.3f')} {g('task_mem_ratio', '6.3f')}", file=file)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # main
+
+
+def _now() -> Tuple[float, float]:
+    """(wall, this process's CPU) seconds: on a shared machine the CPU time is what the run costs one core."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: Tuple[float, float]) -> Tuple[float, float]:
+    t = _now()
+    return t[0] - t0[0], t[1] - t0[1]
 
 
 def parse_args(argv=None):
@@ -720,58 +851,91 @@ def parse_args(argv=None):
                         f"present, else ../shared/models/stories260K; --quick: stories260K)")
     p.add_argument("--tokenizer_path", default=None,
                    help="default: tokenizer.model or tokenizer.gguf in --ckpt_dir")
-    p.add_argument("--text", default=None,
-                   help=f"text file for prompts and retrieval filler (default: {DEFAULT_TEXT.name} when it holds "
-                        f"N disjoint prompt windows, else {LONG_TEXT.name})")
+    p.add_argument("--texts", nargs="+", default=None,
+                   help=f"text files of the teacher-forced windows, --n_prompts from each (default: "
+                        f"{', '.join(t.name for t in DEFAULT_TEXTS)})")
     p.add_argument("--max_seq_len", type=int, default=None, help="model context (default: from the checkpoint)")
     p.add_argument("--prompt_len", "-P", type=int, default=None,
                    help="prompt tokens (default: min(2048, context / 2); --quick 256)")
-    p.add_argument("--cont_len", "-C", type=int, default=None, help="teacher-forced tokens (64; --quick 32)")
-    p.add_argument("--n_prompts", "-N", type=int, default=None, help="prompts (8; --quick 4)")
-    p.add_argument("--gen_len", type=int, default=None, help="greedy tokens per prompt (64; --quick 24)")
-    p.add_argument("--T", type=float, nargs="+", default=None,
-                   help=f"FastGen thresholds (default {FULL['T']}; --quick {QUICK['T']})")
+    p.add_argument("--cont_len", "-C", type=int, default=None,
+                   help=f"teacher-forced tokens per window ({FULL['cont_len']}; --quick {QUICK['cont_len']})")
+    p.add_argument("--n_prompts", "-N", type=int, default=None,
+                   help=f"windows per text ({FULL['n_prompts']}; --quick {QUICK['n_prompts']})")
+    p.add_argument("--gen_len", type=int, default=None,
+                   help=f"greedy tokens per window for greedy agreement (0: skip; {FULL['gen_len']}; "
+                        f"--quick {QUICK['gen_len']})")
+    p.add_argument("--T", type=float, nargs="+", default=None, help=f"FastGen thresholds (default {FULL['T']})")
     p.add_argument("--r_l", type=float, default=None, help="FastGen's locality ratio (default: shipped config)")
     p.add_argument("--r_f", type=float, default=None, help="FastGen's frequency ratio (default: shipped config)")
     p.add_argument("--evict_every", type=int, default=None,
                    help="k: decode steps between evictions, for FastGen and the baselines (default: shipped config)")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=CONFIG",
+                   help="an extra row: a kv config as a JSON file or inline JSON object (repeatable)")
     p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
                    help="fixed hybrids matched to FastGen's memory at each T < 1 (none: no baselines)")
     p.add_argument("--match_tol", type=float, default=0.02, help="relative memory tolerance of the matching")
-    p.add_argument("--bisect_iters", type=int, default=None, help="evaluations per match after the two ends "
-                                                                  "(8; --quick 6)")
-    p.add_argument("--retrieval_lengths", type=int, nargs="*", default=None,
-                   help="retrieval prompt lengths (default: 1/4, 1/2 and all of the context minus room for "
-                        "the question; --quick 0.3 and all)")
-    p.add_argument("--retrieval_depths", type=float, nargs="+", default=None,
-                   help="where the fact sits, as a share of the filler before it")
-    p.add_argument("--retrieval_trials", type=int, default=None, help="trials per (length, depth)")
-    p.add_argument("--no_retrieval", action="store_true", help="skip the retrieval task")
-    p.add_argument("--retrieval_settings", choices=("all", "fastgen"), default="all",
-                   help="settings that run the retrieval task (fastgen: uncompressed and FastGen only; "
-                        "profiling long prompts is the costly part)")
-    p.add_argument("--no_greedy", action="store_true", help="skip greedy generation agreement")
+    p.add_argument("--match_windows", type=int, default=None,
+                   help=f"windows the matching bisects on, then one evaluation on all ({FULL['match_windows']}; "
+                        f"--quick: all)")
+    p.add_argument("--max_answer", type=int, default=None,
+                   help="cap on the answer tokens of every task (default: each task's own; --quick 8)")
+    p.add_argument("--bisect_iters", type=int, default=None,
+                   help=f"evaluations per match after the two ends ({FULL['bisect_iters']})")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS, help="tasks (none: skip them)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help=f"task prompt lengths in tokens ({FULL['lengths']}; --quick {QUICK['lengths']}); "
+                        f"lengths beyond the context are left out")
+    p.add_argument("--depths", type=float, nargs="+", default=None, help="depths of the planted facts")
+    p.add_argument("--trials", type=int, default=None, help=f"items per (task, length, depth) ({FULL['trials']})")
+    p.add_argument("--min_accuracy", type=float, default=None,
+                   help=f"keep the task cells where the uncompressed accuracy reaches this ({FULL['min_accuracy']}; "
+                        f"--quick {QUICK['min_accuracy']})")
     p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
-                   help="prepend BOS to prompts (auto: when the tokenizer expects it)")
+                   help="prepend BOS to the teacher-forced windows (auto: when the tokenizer expects it)")
     p.add_argument("--max_batch_tokens", type=int, default=8192,
                    help="prompt tokens per batch (the prefill holds a (batch, heads, L, L) score map)")
     p.add_argument("--no_replay", action="store_true", help="run every setting's prefill through the model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the task items and of the bootstrap")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick 1)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
-    p.add_argument("--quick", action="store_true", help="small settings that finish in minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="small settings that finish in under a minute")
     p.add_argument("--no_plot", action="store_true")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+def _opt(args, d: Dict, key: str):
+    v = getattr(args, key)
+    return d[key] if v is None else v
+
+
+def _describe(s: Setting) -> Dict:
+    cfg = s.config
+    return {"name": s.name, "kind": s.kind, "T": s.T, "policy": s.policy, "ratio": s.ratio,
+            "r_l": getattr(cfg, "r_l", None), "r_f": getattr(cfg, "r_f", None),
+            "config": cfg.to_dict() if cfg is not None else None}
+
+
+def _extra_settings(specs: Sequence[str]) -> List[Setting]:
+    import json
+
+    out = []
+    for spec in specs:
+        name, sep, cfg = spec.partition("=")
+        if not sep or not name or not cfg:
+            raise SystemExit(f"--setting {spec!r}: expected NAME=CONFIG (a JSON file or an inline JSON object)")
+        out.append(config_setting(name, json.loads(cfg) if cfg.lstrip().startswith("{") else cfg))
+    return out
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     d = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
+    t_start = _now()
     timings: Dict[str, float] = {}
+    timings_cpu: Dict[str, float] = {}  # this process's CPU seconds: the cost on an unshared core
     threads = args.threads or (1 if args.quick else None)
-    if threads:  # a tiny model runs faster on one thread, and far faster when other jobs share the cores
+    if threads:  # a small model runs faster on one thread, and far faster when other jobs share the cores
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
 
@@ -784,11 +948,9 @@ def main(argv=None) -> Dict:
     tok_path = Path(args.tokenizer_path) if args.tokenizer_path else Path(find_tokenizer(str(ckpt)))
     ctx = args.max_seq_len or default_context(ckpt)
     P = args.prompt_len or d["prompt_len"] or min(2048, ctx // 2)
-    C = args.cont_len or d["cont_len"]
-    N = args.n_prompts or d["n_prompts"]
-    G = 0 if args.no_greedy else (args.gen_len or d["gen_len"])
-    Ts = args.T if args.T is not None else d["T"]
-    iters = args.bisect_iters if args.bisect_iters is not None else d["bisect_iters"]
+    C, N, G, Ts = _opt(args, d, "cont_len"), _opt(args, d, "n_prompts"), _opt(args, d, "gen_len"), _opt(args, d, "T")
+    iters, match_windows = _opt(args, d, "bisect_iters"), _opt(args, d, "match_windows")
+    texts = [Path(t) for t in (args.texts or DEFAULT_TEXTS)]
     if P + C > ctx or P + G > ctx:
         raise SystemExit(f"prompt_len {P} + cont_len {C} / gen_len {G} exceed the context {ctx}")
     replay = not args.no_replay
@@ -798,44 +960,38 @@ def main(argv=None) -> Dict:
     over = {k: getattr(args, k) for k in ("r_l", "r_f", "evict_every") if getattr(args, k) is not None}
     if over:
         base = base.replace(**over)
+    extra = _extra_settings(args.setting)
 
-    t0 = time.perf_counter()
+    t0 = _now()
     per_batch = max(1, args.max_batch_tokens // min(P + C, ctx))
-    llama = Llama.build(str(ckpt), str(tok_path), max_seq_len=ctx, max_batch_size=max(per_batch, N),
+    llama = Llama.build(str(ckpt), str(tok_path), max_seq_len=ctx, max_batch_size=max(per_batch, 2 * N, 16),
                         seed=args.seed, device="cpu")
     model = llama.model
     n_params = sum(p.numel() for p in model.parameters())
-    timings["load"] = time.perf_counter() - t0
+    timings["load"], timings_cpu["load"] = _since(t0)
     tok = llama.tokenizer
     bos = bos_prefix(tok, args.bos)
     stop = set(tok.stop_tokens) | ({tok.eos_id} if getattr(tok, "eos_id", -1) >= 0 else set())
 
-    t0 = time.perf_counter()
-    if args.text is None:  # TinyStories suits the TinyStories model but is too short for long disjoint prompts
-        stream = token_stream(tok, DEFAULT_TEXT, N * (P + C + 1))
-        args.text = str(DEFAULT_TEXT)
-        if len(stream) < N * (P + C + 1):
-            args.text = str(LONG_TEXT)
-            stream = token_stream(tok, args.text, N * (P + C + 1))
-    else:
-        stream = token_stream(tok, args.text, N * (P + C + 1))
-    batches, overlap = quality_batches(stream, bos, P, C, N, args.max_batch_tokens)
+    t0 = _now()
+    batches: List[Batch] = []
+    window_texts: List[str] = []
+    overlap: Dict[str, bool] = {}
+    for path in texts:
+        stream = token_stream(tok, path, N * (P + C + 1))
+        bs, overlap[path.name] = quality_batches(stream, bos, P, C, N, args.max_batch_tokens)
+        batches += bs
+        window_texts += [path.name] * N
+        if overlap[path.name]:
+            print(f"note: {path} gives {len(stream)} tokens, fewer than {N} disjoint windows of {P + C + 1}; "
+                  f"windows overlap", file=sys.stderr)
     gbatches = [Batch(tokens=b.tokens[:, :P], prompt_len=P, steps=max(G - 1, 0)) for b in batches]
-    if overlap:
-        print(f"note: {args.text} gives {len(stream)} tokens, fewer than {N} disjoint windows of {P + C + 1}; "
-              f"windows overlap", file=sys.stderr)
-    timings["tokenize"] = time.perf_counter() - t0
+    timings["tokenize"], timings_cpu["tokenize"] = _since(t0)
 
     rows: List[Dict] = []
     settings: List[Setting] = []
     replay_check: Optional[Dict] = None
-    retrieval: Optional[Dict] = None
-
-    def describe(s: Setting) -> Dict:
-        cfg = s.config
-        return {"name": s.name, "kind": s.kind, "T": s.T, "policy": s.policy, "ratio": s.ratio,
-                "r_l": cfg.r_l if cfg else None, "r_f": cfg.r_f if cfg else None,
-                "config": cfg.to_dict() if cfg else None}
+    task_out: Optional[Dict] = None
 
     # warm-up (first calls of some kernels are slow), so that the per-setting seconds are comparable
     with torch.inference_mode():
@@ -854,16 +1010,16 @@ def main(argv=None) -> Dict:
                       "n_params": n_params, "params": {k: getattr(model.params, k) for k in
                                                        ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
                       "dtype": str(model.output.weight.dtype)},
-            "text": str(args.text),
-            "prompt_len": P, "cont_len": C, "n_prompts": N, "gen_len": G, "bos": bos,
-            "windows_overlap": overlap,
+            "texts": [str(t) for t in texts], "window_texts": window_texts, "windows_overlap": overlap,
+            "prompt_len": P, "cont_len": C, "n_prompts": N, "n_windows": len(window_texts), "gen_len": G,
+            "bos": bos, "bootstrap": {"draws": N_BOOT, "seed": args.seed, "level": 0.95, "unit": "window"},
             "fastgen_base_config": base.to_dict(),
             "replay": replay,
             "replay_check": replay_check,
-            "match_tol": args.match_tol,
+            "match_tol": args.match_tol, "match_windows": match_windows,
             "settings": rows,
-            "retrieval": retrieval,
-            "timings_s": timings,
+            "tasks": task_out,
+            "timings_s": timings, "timings_cpu_s": timings_cpu,
         }
 
     out = Path(args.out)
@@ -875,18 +1031,14 @@ def main(argv=None) -> Dict:
         write_csv(out / "quality.csv", [csv_row(r) for r in rows], COLUMNS)
         return result
 
-    # --- teacher forcing: uncompressed, FastGen -----------------------------------------------------------------
+    # --- teacher forcing: uncompressed, FastGen, extra settings -------------------------------------------------
     steps_per_pass = sum(b.steps for b in batches)
-    bar = progress(total=steps_per_pass * (1 + len(Ts)), desc="teacher forcing", unit="step", disable=not show)
-    t0 = time.perf_counter()
+    bar = progress(total=steps_per_pass * (1 + len(Ts) + len(extra)), desc="teacher forcing", unit="step",
+                   disable=not show)
+    t0 = _now()
     ref_setting = Setting("uncompressed", "uncompressed", None)
-    ts = time.perf_counter()
-    ref = teacher_forced(llama, ref_setting, batches, replay, bar)
-    ref["seconds"] = time.perf_counter() - ts
-    ref_row = {**describe(ref_setting), **ref}
-    settings.append(ref_setting)
-    rows.append(ref_row)
-    ref_mem, ref_peak, ref_ppl = ref["kv_bytes_mean"], ref["kv_bytes_peak"], ref["ppl"]
+    fastgen_rows: Dict[float, Dict] = {}
+    ref_mem = ref_peak = ref_ppl = ref_windows = None
 
     def finish(row: Dict) -> Dict:
         row["mem_ratio"] = row["kv_bytes_mean"] / ref_mem
@@ -894,62 +1046,72 @@ def main(argv=None) -> Dict:
         row["mem_ratio_exact"] = row["kv_bytes_mean"] / row["kv_exact_bytes_mean"]
         row["mem_ratio_incl_metadata"] = (row["kv_bytes_mean"] + row["metadata_bytes_mean"]) / ref_mem
         row["ppl_ratio"] = row["ppl"] / ref_ppl
+        row["ci"] = paired_bootstrap(ref_windows, row["windows"], N_BOOT, args.seed)
+        row["ci_by_text"] = {}
+        for name in overlap:
+            sel = [i for i, t in enumerate(window_texts) if t == name]
+            pick = lambda w: {k: [v[i] for i in sel] for k, v in w.items()}  # noqa: E731
+            r, a = pick(ref_windows), pick(row["windows"])
+            row["ci_by_text"][name] = {"ppl_ratio": math.exp((sum(a["nll"]) - sum(r["nll"])) / sum(r["n"])),
+                                       **{f"{k}_ci": v for k, v in paired_bootstrap(r, a, N_BOOT, args.seed).items()}}
         return row
 
-    finish(ref_row)
-    fastgen_rows: Dict[float, Dict] = {}
-    for T in Ts:
-        s = fastgen_setting(base, T)
+    for s in [ref_setting] + [fastgen_setting(base, T) for T in Ts] + extra:
         bar.set_postfix_str(s.name)
-        ts = time.perf_counter()
-        row = {**describe(s), **teacher_forced(llama, s, batches, replay, bar)}
-        row["seconds"] = time.perf_counter() - ts
+        ts = _now()
+        row = {**_describe(s), **teacher_forced(llama, s, batches, replay, bar)}
+        row["seconds"], row["cpu_seconds"] = _since(ts)
+        if s.kind == "uncompressed":
+            ref_mem, ref_peak, ref_ppl, ref_windows = row["kv_bytes_mean"], row["kv_bytes_peak"], row["ppl"], \
+                row["windows"]
         settings.append(s)
         rows.append(finish(row))
-        fastgen_rows[float(T)] = row
+        if s.kind == "fastgen":
+            fastgen_rows[float(s.T)] = row
     bar.close()
-    timings["teacher_forcing_fastgen"] = time.perf_counter() - t0
+    timings["teacher_forcing"], timings_cpu["teacher_forcing"] = _since(t0)
     save("teacher forcing")
 
-    # --- fixed baselines matched in memory ------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    targets = [T for T in Ts if T < 1.0]
+    # --- fixed baselines matched in memory (bisection on a few windows, then one full evaluation) ---------------
+    t0 = _now()
+    targets = [T for T in Ts if T < 1.0] if args.baselines else []
+    sub = match_subset(batches, window_texts, match_windows)
     bar = progress(desc="matching baselines", unit="pass", disable=not show,
-                   total=len(args.baselines) * (2 + len(targets) * (iters + 1)) if targets else 0)
+                   total=len(args.baselines) * (2 + len(targets) * (iters + 2)) if targets else 0)
 
     def evaluate(hybrid: str, x: float) -> Dict:
         s = fixed_setting(base, hybrid, x, None)
         bar.set_postfix_str(s.name)
-        ts = time.perf_counter()
-        row = teacher_forced(llama, s, batches, replay)
-        row["seconds"] = time.perf_counter() - ts
+        row = memory_pass(llama, s, sub, replay)
         bar.update(1)
         return row
 
+    sub_target = {T: memory_pass(llama, fastgen_setting(base, T), sub, replay)["kv_bytes_mean"] for T in targets}
     matcher = Matcher(evaluate, iters, args.match_tol)
     for hybrid in args.baselines:
         for T in targets:
-            x, row, info = matcher.match(hybrid, fastgen_rows[float(T)]["kv_bytes_mean"])
+            x, _, info = matcher.match(hybrid, sub_target[T])
             s = fixed_setting(base, hybrid, x, T)
+            ts = _now()
+            row = {**_describe(s), **teacher_forced(llama, s, batches, replay)}
+            row["seconds"], row["cpu_seconds"] = _since(ts)
+            bar.update(1)
+            rel = row["kv_bytes_mean"] / fastgen_rows[float(T)]["kv_bytes_mean"] - 1.0
+            info = {**info, "rel_error_all_windows": rel}
             s.match = info
-            row = {**describe(s), **row, "matched": info["matched"], "match_rel_error": info["rel_error"],
-                   "match": info}
+            row.update(matched=abs(rel) <= args.match_tol, match_rel_error=rel, match=info)
             settings.append(s)
             rows.append(finish(row))
             save(f"baselines ({s.name})")
     bar.close()
-    timings["matching_baselines"] = time.perf_counter() - t0
+    timings["matching_baselines"], timings_cpu["matching_baselines"] = _since(t0)
 
     # --- replay check -----------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0 = _now()
     check_setting = next((s for s in settings if s.kind == "fastgen" and s.T < 1.0), None)
     if check_setting is not None:
-        # a sub-batch of at most 2 sequences and 16 steps keeps this cheap on big runs
-        b0, k = batches[0], min(2, batches[0].bsz)
-        steps = min(b0.steps, 16)
-        b = Batch(tokens=b0.tokens[:k, : P + steps + 1], prompt_len=P, steps=steps,
-                  rec=[tuple(t[:k] for t in layer) for layer in b0.rec] if b0.rec else None,
-                  rec_last=b0.rec_last[:k] if b0.rec_last is not None else None)
+        # one sequence and 16 steps keep this cheap on big runs (the real prefill is the costly part)
+        b = sub_batch(batches[0], 1, min(batches[0].steps, 16))
         outs, heads = [], []
         for rp in (True, False):
             got = []
@@ -964,69 +1126,157 @@ def main(argv=None) -> Dict:
             [[[h[0] for h in seq] for seq in layer] for layer in heads[1]]
         replay_check = {"setting": check_setting.name, "identical": bool(torch.equal(outs[0], outs[1])),
                         "same_policies": same_policies, "max_abs_logit_diff": diff,
-                        "ok": same_policies and diff < REPLAY_TOL, "sequences": k, "steps": steps}
-    timings["replay_check"] = time.perf_counter() - t0
+                        "ok": same_policies and diff < REPLAY_TOL, "sequences": b.bsz, "steps": b.steps}
+    timings["replay_check"], timings_cpu["replay_check"] = _since(t0)
 
     # --- greedy agreement -------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0 = _now()
     for gb, b in zip(gbatches, batches):  # same prompts: replay the recorded prefill
         gb.rec, gb.rec_last = b.rec, b.rec_last
     if G > 0:
-        bar = progress(total=G * len(gbatches) * len(settings), desc="greedy", unit="step",
-                       disable=not show)
+        bar = progress(total=G * len(gbatches) * len(settings), desc="greedy", unit="step", disable=not show)
         for s, row in zip(settings, rows):
             bar.set_postfix_str(s.name)
             row.update(greedy_agreement(llama, s, gbatches, G, replay, stop, bar))
         bar.close()
-    timings["greedy"] = time.perf_counter() - t0
+    for b in batches:
+        b.rec = b.rec_last = b.ref_logp = None  # free the recorded activations
+    gbatches = []
+    timings["greedy"], timings_cpu["greedy"] = _since(t0)
     save("greedy")
 
-    # --- retrieval --------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if not args.no_retrieval:
-        room = RETRIEVAL_ROOM
-        lengths = args.retrieval_lengths or sorted({max(64, int(f * (ctx - room))) for f in d["retrieval_fracs"]})
-        lengths = [L for L in lengths if L + room <= ctx] or [ctx - room]
-        depths = args.retrieval_depths or d["retrieval_depths"]
-        trials = args.retrieval_trials or d["retrieval_trials"]
-        items = retrieval_items(tok, stream, lengths, depths, trials, random.Random(args.seed), bos)
-        rbatches = retrieval_batches(items, args.max_batch_tokens)
-        rsettings = [s for s in settings if args.retrieval_settings == "all" or s.kind != "fixed"]
-        results = {s.name: [] for s in rsettings}
-        accs = {s.name: Acc() for s in rsettings}
-        bar = progress(total=len(rbatches) * len(rsettings), desc="retrieval", unit="pass", disable=not show)
-        for b in rbatches:
-            for s in rsettings:  # uncompressed first: it records the prefill the others replay
-                bar.set_postfix_str(f"L={b.prompt_len} {s.name}")
-                res, run = retrieval_pass(llama, s, b, replay)
-                results[s.name].extend(res)
-                accs[s.name].add_memory(run)
-                bar.update(1)
-            b.rec = b.rec_last = None  # free the recorded activations
-        bar.close()
-        ref_rmem = accs["uncompressed"].memory_row()["kv_bytes_mean"]
-        retrieval = {"lengths": lengths, "depths": depths, "trials": trials,
-                     "fact": "<name>'s secret word is <word>.",
-                     "question": "What is <name>'s secret word? <name>'s secret word is", "settings": {}}
-        for s, row in zip(settings, rows):
-            if s.name not in results:
-                continue
-            summ = summarize_retrieval(results[s.name], accs[s.name], ref_rmem)
-            retrieval["settings"][s.name] = {**summ, "items": results[s.name]}
-            row.update({k: v for k, v in summ.items() if not isinstance(v, dict)})
-    timings["retrieval"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+    # --- tasks ------------------------------------------------------------------------------------------------
+    t0 = _now()
+    if args.tasks:
+        task_out = run_tasks(llama, args, d, ctx, settings, rows, replay, stop, show)
+        timings["tasks_build"] = task_out.pop("build_seconds")
+    timings["tasks"], timings_cpu["tasks"] = _since(t0)
+    timings["total"], timings_cpu["total"] = _since(t_start)
 
     result = save("done")
     if not args.no_plot:
         plot(result, out / "quality.png")
-    print(f"\nquality: {ckpt.name}, P={P}, C={C}, N={N}, G={G}; {timings['total']:.1f} s; outputs in {out}")
+    print(f"\nquality: {ckpt.name}, P={P}, C={C}, {len(window_texts)} windows, G={G}; {timings['total']:.1f} s; "
+          f"outputs in {out}")
     print_table(rows)
     if replay_check:
         print(f"replay check ({replay_check['setting']}): ok={replay_check['ok']}, "
               f"same policies={replay_check['same_policies']}, identical={replay_check['identical']}, "
               f"max |logit diff|={replay_check['max_abs_logit_diff']:.3g}")
+    if task_out:
+        cal = task_out["calibration"]
+        dropped = ", ".join(f"{c['task']}@{c['length']}" for c in cal if not c["kept"])
+        print(f"tasks: {sum(c['kept'] for c in cal)} of {len(cal)} cells kept"
+              + (f"; dropped (uncompressed below {task_out['min_accuracy']:g}): {dropped}" if dropped else ""))
     return result
+
+
+def match_subset(batches: Sequence[Batch], window_texts: Sequence[str], k: Optional[int]) -> List[Batch]:
+    """About k windows for the memory matching, taken evenly from each text (sub-batches of the first batch
+    of each text, sharing its recorded prefill); None: every window."""
+    if k is None:
+        return list(batches)
+    out, seen, i = [], [], 0
+    names = list(dict.fromkeys(window_texts))
+    per_text = max(1, k // max(1, len(names)))
+    for b in batches:
+        name = window_texts[i]
+        i += b.bsz
+        if name in seen:
+            continue
+        seen.append(name)
+        out.append(sub_batch(b, min(per_text, b.bsz)))
+    return out
+
+
+class TaskRun:
+    """The task suite over the settings, cell by cell: the uncompressed model answers a (task, length) cell
+    first (calibration); when the cell is kept, every other setting answers the same items (replaying the
+    recorded prefill). Keeps per setting the results, memory, seconds, and per (cell, setting) the costs."""
+
+    def __init__(self, llama, settings: Sequence[Setting], replay: bool, stop, min_accuracy: float,
+                 max_batch_tokens: int, bar):
+        self.llama, self.settings, self.replay, self.stop = llama, settings, replay, stop
+        self.min_accuracy, self.max_batch_tokens, self.bar = min_accuracy, max_batch_tokens, bar
+        self.results: Dict[str, List[Dict]] = {s.name: [] for s in settings}
+        self.accs = {s.name: Acc() for s in settings}
+        self.seconds = {s.name: [0.0, 0.0] for s in settings}  # wall, CPU
+        self.costs: List[Dict] = []  # per (cell, setting): wall and CPU seconds, items (the basis of the budget)
+        self.calibration: List[Dict] = []
+        self.calibration_items: List[Dict] = []
+
+    def _answer(self, s: Setting, batches: Sequence[Batch], cell, n: int) -> Tuple[List[Dict], List[Run]]:
+        t0 = _now()
+        res, runs = [], []
+        for b in batches:
+            r, run = task_pass(self.llama, s, b, self.replay, self.stop)
+            res += r
+            runs.append(run)
+        wall, cpu = _since(t0)
+        self.seconds[s.name][0] += wall
+        self.seconds[s.name][1] += cpu
+        self.costs.append({"task": cell[0], "length": cell[1], "setting": s.name, "items": n, "seconds": wall,
+                           "cpu_seconds": cpu})
+        return res, runs
+
+    def cell(self, cell: Tuple[str, int], items: Sequence[Item]) -> None:
+        batches = task_batches(items, self.max_batch_tokens)
+        for k, s in enumerate(self.settings):
+            self.bar.set_postfix_str(f"{cell[0]}@{cell[1]} {s.name}")
+            res, runs = self._answer(s, batches, cell, len(items))
+            if k == 0:
+                self.calibration_items += res
+                self.calibration.append(calibrate(res, self.min_accuracy)[0])
+                if not self.calibration[-1]["kept"]:
+                    self.bar.update(len(self.settings))
+                    return
+            self.results[s.name] += res
+            for run in runs:
+                self.accs[s.name].add_memory(run)
+            self.bar.update(1)
+
+    def summary(self, rows: Sequence[Dict]) -> Dict[str, Dict]:
+        """Per setting: `summarize_tasks` and the items; the flat numbers also go into the setting's row."""
+        ref = self.settings[0].name
+        ref_mem = self.accs[ref].memory_row()["kv_bytes_mean"] if self.results[ref] else float("nan")
+        out = {}
+        for s, row in zip(self.settings, rows):
+            summ = summarize_tasks(self.results[s.name], self.accs[s.name], ref_mem)
+            row.update({k: v for k, v in summ.items() if not isinstance(v, dict)})
+            row["task_seconds"], row["task_cpu_seconds"] = self.seconds[s.name]
+            out[s.name] = {**summ, "seconds": self.seconds[s.name][0], "cpu_seconds": self.seconds[s.name][1],
+                           "items": self.results[s.name]}
+        return out
+
+
+def run_tasks(llama, args, d: Dict, ctx: int, settings: Sequence[Setting], rows: Sequence[Dict], replay: bool,
+              stop, show: bool) -> Dict:
+    """The task suite (`TaskRun`) on the cells of --tasks x --lengths that fit the context."""
+    from benchmarks.tasks import MAX_GEN
+
+    t0 = _now()
+    lengths = [L for L in _opt(args, d, "lengths") if L + max(MAX_GEN.values()) <= ctx]
+    skipped = [L for L in _opt(args, d, "lengths") if L not in lengths]
+    depths, trials = args.depths or d["depths"], _opt(args, d, "trials")
+    builder = TaskBuilder(TaskText(llama.tokenizer), llama.chat_format)
+    items = make_items(builder, cells(args.tasks, lengths), depths, trials, args.seed)
+    cap = _opt(args, d, "max_answer")
+    if cap:
+        items = [dataclasses.replace(it, max_gen_len=min(it.max_gen_len, cap)) for it in items]
+    build_seconds = _since(t0)[0]
+    by_cell: Dict[Tuple[str, int], List[Item]] = {}
+    for it in items:
+        by_cell.setdefault(it.cell, []).append(it)
+    bar = progress(total=len(by_cell) * len(settings), desc="tasks", unit="cell-setting", disable=not show)
+    run = TaskRun(llama, settings, replay, stop, _opt(args, d, "min_accuracy"), args.max_batch_tokens, bar)
+    for cell, cell_items in by_cell.items():
+        run.cell(cell, cell_items)
+    bar.close()
+    return {"tasks": list(args.tasks), "lengths": lengths, "lengths_beyond_context": skipped, "depths": depths,
+            "trials": trials, "seed": args.seed, "min_accuracy": run.min_accuracy, "calibration": run.calibration,
+            "kept_cells": [f"{c['task']}@{c['length']}" for c in run.calibration if c["kept"]],
+            "calibration_items": run.calibration_items, "manifest": manifest(items),
+            "settings": run.summary(rows), "costs": run.costs, "build_seconds": build_seconds}
 
 
 if __name__ == "__main__":

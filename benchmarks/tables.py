@@ -38,47 +38,88 @@ def _label(r: Dict) -> str:
     return r["name"]
 
 
-def quality_tables(q: Dict) -> str:
-    """The per-setting table, the retrieval table by length and a header line describing the run."""
+def _ci(r: Dict, key: str, spec: str) -> str:
+    """A value with its 95% interval, e.g. `1.031 [1.020, 1.043]`."""
+    v = r.get(key)
+    lo, hi = (r.get("ci") or {}).get(key, (None, None))
+    if lo is None:
+        return _fmt(v, spec)
+    return f"{_fmt(v, spec)} [{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+
+
+def _header(q: Dict) -> str:
     m = q["model"]
+    t = q.get("tasks") or {}
+    texts = " and ".join(Path(x).name for x in q.get("texts", []))
+    tasks = (f"tasks at {', '.join(map(str, t['lengths']))} tokens, depths {', '.join(f'{d:g}' for d in t['depths'])}"
+             f", {t['trials']} trial(s) per depth, seed {t['seed']}; " if t else "")
+    return (f"{m['name']} ({m['n_params'] / 1e6:.1f}M parameters, {m['dtype']}): {tasks}teacher forcing on "
+            f"{q['n_windows']} windows ({q['n_prompts']} per text: {texts}) of P={q['prompt_len']} prompt and "
+            f"C={q['cont_len']} scored tokens; [95% paired bootstrap intervals over windows]; "
+            f"{_duration(q['timings_s'].get('total', 0))} ({q['machine'].get('torch_threads')} thread(s), "
+            f"{q['machine'].get('cpu_model') or q['machine']['machine']})."
+            + ("" if q.get("complete", True) else f" **Unfinished** (stage: {q.get('stage')})."))
+
+
+def quality_tables(q: Dict) -> str:
+    """The per-setting table (teacher-forced metrics with intervals, task accuracy), the calibration table, task
+    accuracy by cell and by depth."""
     G = q.get("gen_len") or 0
-    out: List[str] = [
-        f"{m['name']} ({m['n_params'] / 1e6:.1f}M parameters, {m['dtype']}), text {Path(q['text']).name}: "
-        f"{q['n_prompts']} prompts of P={q['prompt_len']} tokens, C={q['cont_len']} teacher-forced tokens each, "
-        f"{G} greedy tokens; {_duration(q['timings_s'].get('total', 0))} "
-        f"({q['machine'].get('torch_threads')} thread(s), {q['machine'].get('cpu_model') or q['machine']['machine']})."
-        + ("" if q.get("complete", True) else f" **Unfinished** (stage: {q.get('stage')}).")
-    ]
-    ret = q.get("retrieval") or {}
-    rs = ret.get("settings", {})
-    n_ret = next((v["retrieval_trials"] for v in rs.values()), 0)
-    out += ["", "| setting | mem ratio | ppl ratio | top-1 | KL | recovery | greedy prefix / "
-                f"{G} | ROUGE-L | retrieval ({n_ret}) | policy mix |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    t = q.get("tasks") or {}
+    ts = t.get("settings", {})
+    out: List[str] = [_header(q), "",
+                      "| setting | mem ratio | ppl ratio | top-1 | KL | recovery | task accuracy | task mem ratio | "
+                      + (f"greedy prefix / {G} | " if G else "") + "policy mix |",
+                      "| --- |" + " --- |" * (8 + bool(G))]
     for r in q["settings"]:
-        acc = rs.get(r["name"], {}).get("retrieval_accuracy")
-        retr = f"{round(acc * n_ret)}/{n_ret}" if isinstance(acc, float) else "-"
         mix = "-" if r["kind"] != "fastgen" else _mix(r.get("policy_mix"))
         out.append(
-            f"| {_label(r)} | {_fmt(r.get('mem_ratio'), '.3f')} | {_fmt(r.get('ppl_ratio'), '.4f')} | "
-            f"{_fmt(r.get('top1_agreement'), '.3f')} | {_fmt(r.get('kl_mean'), '.4f')} | "
-            f"{_fmt(r.get('recovery_mean'), '.3f')} | {_fmt(r.get('greedy_prefix_mean'), '.1f')} | "
-            f"{_fmt(r.get('rouge_l'), '.3f')} | {retr} | {mix} |")
-    if rs:
-        lengths = [str(n) for n in ret["lengths"]]
-        depths = [f"{d:g}" for d in ret["depths"]]
-        out += ["", f"Retrieval accuracy by prompt length and by depth ({ret['trials']} trial(s) per cell):", "",
-                "| setting | " + " | ".join(f"L={n}" for n in lengths) + " | "
-                + " | ".join(f"depth {d}" for d in depths) + " | mem ratio | answer log-prob |",
-                "| --- |" + " --- |" * (len(lengths) + len(depths) + 2)]
+            f"| {_label(r)} | {_fmt(r.get('mem_ratio'), '.3f')} | {_ci(r, 'ppl_ratio', '.3f')} | "
+            f"{_ci(r, 'top1_agreement', '.3f')} | {_ci(r, 'kl_mean', '.4f')} | {_fmt(r.get('recovery_mean'), '.3f')} | "
+            f"{_fmt(r.get('task_accuracy'), '.2f')} | {_fmt(r.get('task_mem_ratio'), '.3f')} | "
+            + (f"{_fmt(r.get('greedy_prefix_mean'), '.1f')} | " if G else "") + f"{mix} |")
+    if not t:
+        return "\n".join(out)
+    tasks, lengths = t["tasks"], t["lengths"]
+    cal = {(c["task"], c["length"]): c for c in t["calibration"]}
+    out += ["", f"Calibration: uncompressed accuracy per task and length ({len(t['depths']) * t['trials']} items "
+                f"per cell); cells below {t['min_accuracy']:g} are dropped from the suite (*dropped*):", "",
+            "| length | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for L in lengths:
+        cells = []
+        for task in tasks:
+            c = cal.get((task, L))
+            cells.append("-" if c is None else _fmt(c["uncompressed_accuracy"], ".2f")
+                         + ("" if c["kept"] else " *dropped*"))
+        out.append(f"| {L} | " + " | ".join(cells) + " |")
+    kept = t["kept_cells"]
+    if not kept:
+        return "\n".join(out)
+    n_items = next((v["task_items"] for v in ts.values()), 0)
+    out += ["", f"Task accuracy (mean score, partial credit) on the kept cells ({n_items} items in all), per length "
+                f"and task; memory ratio and overall accuracy in the first table:"]
+    for L in lengths:
+        cols = [task for task in tasks if f"{task}@{L}" in kept]
+        if not cols:
+            continue
+        out += ["", f"| setting (L={L}) | all at {L} | " + " | ".join(cols) + " |",
+                "| --- |" + " --- |" * (len(cols) + 1)]
         for r in q["settings"]:
-            v = rs.get(r["name"])
+            v = ts.get(r["name"])
             if v is None:
                 continue
-            out.append(f"| {_label(r)} | " + " | ".join(_fmt(v["retrieval_by_length"].get(n), ".2f") for n in lengths)
-                       + " | " + " | ".join(_fmt(v["retrieval_by_depth"].get(d), ".2f") for d in depths)
-                       + f" | {_fmt(v.get('retrieval_mem_ratio'), '.3f')} | "
-                         f"{_fmt(v.get('retrieval_answer_logprob'), '.2f')} |")
+            out.append(f"| {_label(r)} | {_fmt(v.get('by_length', {}).get(str(L)), '.2f')} | "
+                       + " | ".join(_fmt(v.get("by_cell", {}).get(f"{c}@{L}"), ".2f") for c in cols) + " |")
+    depths = [f"{d:g}" for d in t["depths"]]
+    out += ["", "Task accuracy by depth of the planted fact (tasks with a depth) and by length:", "",
+            "| setting | " + " | ".join(f"depth {d}" for d in depths) + " | "
+            + " | ".join(f"L={n}" for n in lengths) + " |", "| --- |" + " --- |" * (len(depths) + len(lengths))]
+    for r in q["settings"]:
+        v = ts.get(r["name"])
+        if v is None:
+            continue
+        out.append(f"| {_label(r)} | " + " | ".join(_fmt(v.get("by_depth", {}).get(d), ".2f") for d in depths)
+                   + " | " + " | ".join(_fmt(v.get("by_length", {}).get(str(n)), ".2f") for n in lengths) + " |")
     return "\n".join(out)
 
 

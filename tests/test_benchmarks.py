@@ -25,7 +25,7 @@ ROW_FIELDS = {
     "mem_ratio_exact", "metadata_bytes_mean", "mem_ratio_incl_metadata", "ppl", "ppl_ratio", "top1_agreement",
     "kl_mean", "next_token_acc",
     "recovery_mean", "policy_mix", "greedy_prefix_mean", "greedy_prefix_frac", "greedy_identical", "rouge_l",
-    "retrieval_accuracy", "retrieval_token_accuracy", "retrieval_answer_logprob", "retrieval_mem_ratio",
+    "ci", "ci_by_text", "windows", "task_accuracy", "task_exact", "task_mem_ratio", "task_items",
 }
 
 
@@ -58,8 +58,8 @@ def test_quality_outputs(quality):
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
     on_disk = json.loads((out / "quality.json").read_text())
     assert on_disk["complete"] and on_disk["settings"][0]["name"] == "uncompressed"
-    for key in ("machine", "model", "prompt_len", "cont_len", "n_prompts", "gen_len", "retrieval", "replay_check",
-                "timings_s"):
+    for key in ("machine", "model", "prompt_len", "cont_len", "n_prompts", "gen_len", "tasks", "replay_check",
+                "timings_s", "texts", "window_texts", "bootstrap"):
         assert key in on_disk, key
     for row in on_disk["settings"]:
         missing = ROW_FIELDS - set(row)
@@ -67,9 +67,19 @@ def test_quality_outputs(quality):
     with open(out / "quality.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [r["name"] for r in on_disk["settings"]]
-    assert {"mem_ratio", "ppl_ratio", "top1_agreement", "kl_mean", "policy_mix", "rouge_l"} <= set(rows[0])
+    assert {"mem_ratio", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "top1_agreement", "kl_mean", "kl_mean_hi",
+            "policy_mix", "rouge_l", "task_accuracy", "task_mem_ratio"} <= set(rows[0])
     kinds = {r["kind"] for r in on_disk["settings"]}
     assert kinds == {"uncompressed", "fastgen", "fixed"}
+    assert [r["name"] for r in on_disk["settings"] if r["kind"] == "fastgen"] == [
+        "fastgen T=1", "fastgen T=0.95", "fastgen T=0.9"]
+    # two kinds of text, the same number of windows from each; every window scored cont_len tokens
+    names = [Path(t).name for t in on_disk["texts"]]
+    assert names == ["tinyshakespeare.txt", "tinystories_valid.txt"]
+    assert on_disk["window_texts"] == [n for n in names for _ in range(on_disk["n_prompts"])]
+    for row in on_disk["settings"]:
+        assert row["windows"]["n"] == [on_disk["cont_len"]] * on_disk["n_windows"]
+        assert set(row["ci_by_text"]) == set(names)
 
 
 def test_quality_uncompressed_is_the_reference(quality):
@@ -79,7 +89,8 @@ def test_quality_uncompressed_is_the_reference(quality):
     assert ref["ppl_ratio"] == 1.0
     assert ref["top1_agreement"] == 1.0 and ref["kl_mean"] == 0.0
     assert ref["greedy_identical"] == 1.0 and ref["greedy_prefix_frac"] == 1.0 and ref["rouge_l"] == 1.0
-    assert ref["retrieval_mem_ratio"] == 1.0
+    assert ref["task_mem_ratio"] == 1.0
+    assert ref["ci"] == {"ppl_ratio": [1.0, 1.0], "kl_mean": [0.0, 0.0], "top1_agreement": [1.0, 1.0]}
     assert ref["policy_mix"] == {"full": 1.0} and ref["recovery_mean"] == 1.0
     assert ref["metadata_bytes_mean"] == 0 and ref["mem_ratio_incl_metadata"] == 1.0
     assert math.isfinite(ref["ppl"]) and ref["ppl"] > 1.0
@@ -94,8 +105,11 @@ def test_quality_T1_identical_to_uncompressed(quality):
     assert t1["greedy_identical"] == 1.0 and t1["greedy_prefix_mean"] == ref["greedy_prefix_mean"]
     assert t1["rouge_l"] == 1.0
     assert t1["policy_mix"] == {"full": 1.0} and t1["recovery_mean"] == 1.0
-    ret = result["retrieval"]["settings"]
-    assert ret["fastgen T=1"]["items"] == ret["uncompressed"]["items"]
+    assert t1["ci"] == ref["ci"]
+    # every task item: the same reply, hence the same score
+    tasks = result["tasks"]["settings"]
+    assert tasks["fastgen T=1"]["items"] == tasks["uncompressed"]["items"]
+    assert {i["task"] for i in tasks["uncompressed"]["items"]} == set(result["tasks"]["tasks"])
     # the compressed cache's bookkeeping: it keeps every token, plus bounded slack
     assert 0.9 < t1["mem_ratio_exact"] and t1["mem_ratio_exact"] >= 1.0
 
@@ -129,19 +143,98 @@ def test_quality_baselines_match_fastgen_memory(quality):
         assert 0.0 < r["ratio"] <= 1.0
 
 
-def test_quality_retrieval_and_replay(quality):
+def test_quality_tasks_and_replay(quality):
     _, result = quality
-    ret = result["retrieval"]
-    assert ret["lengths"] and max(ret["lengths"]) + 48 <= result["model"]["context"]
-    for name, s in ret["settings"].items():
-        assert 0.0 <= s["retrieval_accuracy"] <= 1.0
-        assert set(s["retrieval_by_depth"]) == {f"{d:g}" for d in ret["depths"]}
-        assert set(s["retrieval_by_length"]) == {str(L) for L in ret["lengths"]}
-        assert s["retrieval_trials"] == len(ret["lengths"]) * len(ret["depths"]) * ret["trials"]
+    t = result["tasks"]
+    from benchmarks.tasks import TASKS
+
+    assert t["tasks"] == list(TASKS) and t["lengths"] and max(t["lengths"]) < result["model"]["context"]
+    n_cells = len(TASKS) * len(t["lengths"])
+    assert len(t["calibration"]) == n_cells and len(t["kept_cells"]) == n_cells  # --quick keeps every cell
+    per_cell = len(t["depths"]) * t["trials"]
+    assert len(t["manifest"]) == n_cells * per_cell
+    assert len({m["prompt_sha256_16"] for m in t["manifest"]}) == len(t["manifest"])
+    for name, s in t["settings"].items():
+        assert s["task_items"] == len(t["manifest"]) == len(s["items"]), name
+        assert 0.0 <= s["task_accuracy"] <= 1.0
+        assert set(s["by_cell"]) == {f"{task}@{L}" for task in TASKS for L in t["lengths"]}
+        assert set(s["by_depth"]) == {f"{d:g}" for d in t["depths"]}
+        assert s["task_accuracy"] == pytest.approx(sum(i["score"] for i in s["items"]) / len(s["items"]))
+    rows = _rows(result)
+    for r in result["settings"]:
+        assert r["task_accuracy"] == t["settings"][r["name"]]["task_accuracy"]
+        if r["kind"] == "fastgen" and r["T"] < 1:
+            assert r["task_mem_ratio"] < 1.0
+    assert rows["fastgen T=0.9"]["task_mem_ratio"] <= rows["fastgen T=0.95"]["task_mem_ratio"] * 1.001
     # replaying the recorded prefill into a compressed cache makes the same decisions as running it, and the
     # same decode logits up to the rounding of the two prefill kernels
     check = result["replay_check"]
     assert check["ok"] and check["same_policies"] and check["max_abs_logit_diff"] < 1e-3, check
+
+
+def test_quality_task_calibration_drops_cells(tmp_path):
+    """The uncompressed model's accuracy decides the cells: with a bar above what it reaches, it runs alone."""
+    from benchmarks import quality
+
+    result = quality.main(["--quick", "--out", str(tmp_path), "--no_progress", "--no_plot", "--baselines",
+                           "--T", "1", "--gen_len", "0", "--tasks", "single_needle", "--lengths", "320",
+                           "--min_accuracy", "0.99"])
+    cal = result["tasks"]["calibration"]
+    assert [(c["task"], c["length"], c["kept"]) for c in cal] == [("single_needle", 320, False)]
+    assert "uncompressed accuracy" in cal[0]["reason"] and result["tasks"]["kept_cells"] == []
+    assert result["tasks"]["settings"]["fastgen T=1"]["task_items"] == 0
+    assert len(result["tasks"]["calibration_items"]) == len(result["tasks"]["depths"]) * result["tasks"]["trials"]
+
+
+def test_calibrate():
+    from benchmarks.quality import calibrate
+
+    res = [{"task": "a", "length": 1, "score": s} for s in (1, 1, 0.5, 1)] + \
+          [{"task": "b", "length": 1, "score": s} for s in (1, 0, 0)]
+    rows = calibrate(res, 0.7)
+    assert [(r["task"], r["items"], r["uncompressed_accuracy"], r["kept"]) for r in rows] == [
+        ("a", 4, 0.875, True), ("b", 3, pytest.approx(1 / 3), False)]
+    assert rows[0]["reason"] is None and "0.33 < 0.70" in rows[1]["reason"]
+
+
+def _windows(nll, kl=None, agree=None, n=64):
+    m = len(nll)
+    return {"nll": list(nll), "kl": list(kl or [0.0] * m), "agree": list(agree or [n] * m), "n": [n] * m}
+
+
+def test_paired_bootstrap_identical_rows():
+    from benchmarks.quality import paired_bootstrap
+
+    ref = _windows([150.0, 170.0, 140.0, 160.0])
+    ci = paired_bootstrap(ref, ref, n_boot=500, seed=0)
+    assert ci == {"ppl_ratio": [1.0, 1.0], "kl_mean": [0.0, 0.0], "top1_agreement": [1.0, 1.0]}
+
+
+def test_paired_bootstrap_covers_a_known_shift_and_is_deterministic():
+    import random
+
+    from benchmarks.quality import paired_bootstrap
+
+    rng = random.Random(0)
+    n, shift = 64, 0.03  # nats per token: a perplexity ratio of exp(0.03)
+    ref_nll = [n * rng.uniform(2.0, 3.0) for _ in range(16)]
+    alt_nll = [x + n * (shift + rng.gauss(0, 0.02)) for x in ref_nll]  # paired noise around the shift
+    kl = [n * rng.uniform(0.005, 0.015) for _ in range(16)]
+    agree = [rng.randint(56, 64) for _ in range(16)]
+    ref, alt = _windows(ref_nll, n=n), _windows(alt_nll, kl, agree, n=n)
+    ci = paired_bootstrap(ref, alt, n_boot=2000, seed=1)
+    lo, hi = ci["ppl_ratio"]
+    assert lo < math.exp(shift) < hi and hi - lo < 0.03
+    assert ci["kl_mean"][0] < 0.01 < ci["kl_mean"][1]
+    point = sum(agree) / (16 * n)
+    assert ci["top1_agreement"][0] <= point <= ci["top1_agreement"][1] <= 1.0
+    assert paired_bootstrap(ref, alt, n_boot=2000, seed=1) == ci  # a pure function of its inputs and seed
+    assert paired_bootstrap(ref, alt, n_boot=2000, seed=2) != ci
+    # pairing: a shift common to both settings cancels out, an unpaired test would not see through it
+    moved = _windows([x + 30.0 * i for i, x in enumerate(ref_nll)], n=n)
+    assert paired_bootstrap(moved, moved, n_boot=200)["ppl_ratio"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="same windows"):
+        paired_bootstrap(ref, _windows(alt_nll[:8], n=n))
 
 
 def test_rouge_l():
@@ -205,12 +298,23 @@ def test_tables_render_the_results(quality, speed):
     s_out, s = speed
     md = tables.quality_tables(json.loads((q_out / "quality.json").read_text()))
     lines = md.splitlines()
-    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| setting") and "---" not in ln]
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith(("| setting", "| length"))
+            and "---" not in ln]
     n_settings = len(q["settings"])
-    assert len(rows) == 2 * n_settings  # the main table and the retrieval table, one row per setting each
-    assert rows[0].startswith("| uncompressed | 1.000 | 1.0000 | 1.000 | 0.0000 | 1.000 |")
+    # the main table, a task table per length and the depth table: one row per setting each; the calibration
+    # table one row per length
+    n_lengths = len(q["tasks"]["lengths"])
+    assert len(rows) == (2 + n_lengths) * n_settings + n_lengths
+    assert rows[0].startswith("| uncompressed | 1.000 | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | "
+                              "0.0000 [0.0000, 0.0000] |")
     t95 = _rows(q)["fastgen T=0.95"]
-    assert f"| fastgen T=0.95 | {t95['mem_ratio']:.3f} | {t95['ppl_ratio']:.4f} |" in md
+    lo, hi = t95["ci"]["ppl_ratio"]
+    assert f"| fastgen T=0.95 | {t95['mem_ratio']:.3f} | {t95['ppl_ratio']:.3f} [{lo:.3f}, {hi:.3f}] |" in md
+    acc = q["tasks"]["settings"]["fastgen T=0.95"]
+    assert f"| {acc['task_accuracy']:.2f} | {acc['task_mem_ratio']:.3f} |" in md.split("fastgen T=0.95 |")[1]
+    L = q["tasks"]["lengths"][0]
+    cell = " | ".join(f"{acc['by_cell'][f'{t}@{L}']:.2f}" for t in q["tasks"]["tasks"])
+    assert f"| fastgen T=0.95 | {acc['by_length'][str(L)]:.2f} | {cell} |" in md
     sp = tables.speed_table(json.loads((s_out / "speed.json").read_text()))
     body = [ln for ln in sp.splitlines() if ln.startswith("| ") and not ln.startswith("| model") and "---" not in ln]
     assert len(body) == len(s["rows"])  # one row per (model, context, setting)
