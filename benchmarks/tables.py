@@ -51,7 +51,7 @@ def _header(q: Dict) -> str:
     m = q["model"]
     t = q.get("tasks") or {}
     texts = " and ".join(Path(x).name for x in q.get("texts", []))
-    tasks = (f"tasks at {', '.join(map(str, t['lengths']))} tokens, depths {', '.join(f'{d:g}' for d in t['depths'])}"
+    tasks = (f"tasks at {', '.join(map(str, t['lengths'])) or 'no length that fits the context'} tokens, depths {', '.join(f'{d:g}' for d in t['depths'])}"
              f", {t['trials']} trial(s) per depth, seed {t['seed']}; " if t else "")
     return (f"{m['name']} ({m['n_params'] / 1e6:.1f}M parameters, {m['dtype']}): {tasks}teacher forcing on "
             f"{q['n_windows']} windows ({q['n_prompts']} per text: {texts}) of P={q['prompt_len']} prompt and "

@@ -139,6 +139,7 @@ def test_quality_baselines_match_fastgen_memory(quality):
         target = fastgen[r["T"]]["kv_bytes_mean"]
         assert abs(r["kv_bytes_mean"] / target - 1.0) <= 0.05, (r["name"], r["kv_bytes_mean"], target)
         assert r["matched"] and abs(r["match_rel_error"]) <= result["match_tol"]
+        assert r["match"]["rel_error_all_windows"] == r["match_rel_error"]
         assert r["policy_mix"] == {r["policy"]: 1.0}  # every head forced to the hybrid
         assert 0.0 < r["ratio"] <= 1.0
 
@@ -184,6 +185,20 @@ def test_quality_task_calibration_drops_cells(tmp_path):
     assert "uncompressed accuracy" in cal[0]["reason"] and result["tasks"]["kept_cells"] == []
     assert result["tasks"]["settings"]["fastgen T=1"]["task_items"] == 0
     assert len(result["tasks"]["calibration_items"]) == len(result["tasks"]["depths"]) * result["tasks"]["trials"]
+
+
+def test_corrected_ratio():
+    """Memory linear in x on the subset (m = 100 + 200 x), all windows 10% above it: one step lands on target."""
+    from benchmarks.quality import Matcher, corrected_ratio
+
+    evals = [(0.001, 100.2), (1.0, 300.0), (0.5, 200.0), (0.45, 190.0)]
+    mem_all = 1.1 * 190.0  # at x = 0.45 on all windows
+    x = corrected_ratio(0.45, mem_all, target_all=1.1 * 200.0, evaluations=evals)
+    assert x == pytest.approx(0.5)  # slope 200 on the subset, 220 on all windows
+    assert corrected_ratio(0.45, mem_all, 1e9, evals) == Matcher.HI
+    assert corrected_ratio(0.45, mem_all, 0.0, evals) == Matcher.LO
+    assert corrected_ratio(0.45, mem_all, 200.0, [(0.45, 190.0)]) is None  # no slope
+    assert corrected_ratio(0.45, mem_all, 200.0, [(0.45, 190.0), (0.5, 180.0)]) is None  # not increasing
 
 
 def test_calibrate():
