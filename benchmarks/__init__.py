@@ -22,7 +22,7 @@ STORIES_DIR = SHARED / "models" / "stories260K"
 SMOLLM2_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 DEFAULT_TEXT = SHARED / "data" / "tinystories_valid.txt"
-LONG_TEXT = SHARED / "data" / "tinyshakespeare.txt"  # 1.1 MB: long prompts and retrieval filler
+LONG_TEXT = SHARED / "data" / "tinyshakespeare.txt"  # 1.1 MB: long prompts and the task documents
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 def default_context(ckpt_dir) -> int:

@@ -223,7 +223,7 @@ class Batch:
     prompt_len: int
     steps: int
     score: Optional[torch.Tensor] = None  # (bsz, steps) bool: scored predictions (None: all)
-    meta: List[Dict] = field(default_factory=list)  # per sequence (retrieval: length, depth, ...)
+    meta: List = field(default_factory=list)  # per sequence (tasks: the Item)
     rec: Optional[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None  # recorded prefill
     rec_last: Optional[torch.Tensor] = None  # (bsz, V) last prefill logits
     ref_logp: Optional[List[torch.Tensor]] = None  # per step (bsz, V) uncompressed log-probs (float64)

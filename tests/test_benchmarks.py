@@ -201,6 +201,21 @@ def test_corrected_ratio():
     assert corrected_ratio(0.45, mem_all, 200.0, [(0.45, 190.0), (0.5, 180.0)]) is None  # not increasing
 
 
+def test_extra_settings_are_named_kv_configs(tmp_path):
+    """A new method adds rows as named kv configs (--setting NAME=CONFIG: inline JSON or a file)."""
+    from benchmarks.quality import _extra_settings
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"T": 0.8, "r_l": 0.2}))
+    a, b = _extra_settings(['loose={"T": 0.97}', f"file={path}"])
+    assert (a.name, a.kind, a.T, a.config.T) == ("loose", "config", 0.97, 0.97)
+    assert (b.name, b.config.T, b.config.r_l) == ("file", 0.8, 0.2)
+    with pytest.raises(SystemExit, match="NAME=CONFIG"):
+        _extra_settings(["nameonly"])
+    with pytest.raises(ValueError, match="T=1.5"):
+        _extra_settings(['bad={"T": 1.5}'])
+
+
 def test_calibrate():
     from benchmarks.quality import calibrate
 
