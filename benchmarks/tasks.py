@@ -214,13 +214,15 @@ class TaskText:
         return self.tokenizer.decode(list(ids))
 
     def document_tokens(self, rng: random.Random, n: int) -> List[int]:
-        """At least n tokens of the document text from a random line start (fewer only if the text ends)."""
-        start = rng.choice(self.line_starts[: max(1, len(self.line_starts) - 1)])
-        chars = 8 * n + 64
-        ids = self.encode(self.doc[start: start + chars])
-        while len(ids) < n and start + chars < len(self.doc):
-            chars *= 2
-            ids = self.encode(self.doc[start: start + chars])
+        """At least n tokens of the document text from a random line start (wrapping to the text's start)."""
+        chars = 8 * n + 64  # generous: a token is 3-4 characters of this text
+        fits = [s for s in self.line_starts if s + chars <= len(self.doc)] or [0]
+        start = rng.choice(fits)
+        text = self.doc[start: start + chars]
+        ids = self.encode(text)
+        while len(ids) < n:  # a text shorter than the prompt: repeat it
+            text += "\n" + self.doc[: chars]
+            ids = self.encode(text)
         return ids
 
     def story(self, rng: random.Random, n_tokens: int) -> str:
@@ -275,6 +277,8 @@ def fit_length(build: Callable[[int], List[int]], length: int, n0: int) -> Tuple
         n -= 1
     while f(n + 1) <= length:
         n += 1
+        if n > 4 * length + 16:  # every unit adds at least a quarter token: the filler ran out
+            raise RuntimeError(f"fit_length: the prompt stops growing at {f(n)} tokens, short of {length}")
     return n, cache[n]
 
 
@@ -412,7 +416,7 @@ class TaskBuilder:
         requests = [STORY_REQUESTS[0]] + [rng.choice(STORY_REQUESTS[1:]) for _ in range(n_turns - 1)]
         stories = [self.text.story(rng, per_turn) for _ in range(n_turns)]
         # the first story is cut to fit the length exactly (token granularity); the others end with a sentence
-        first = self.text.encode(self.text.story(rng, length))
+        first = self.text.encode(self.text.story(rng, 2 * length))
         while True:
             at = round(depth * (n_turns - 1))
 

@@ -132,6 +132,19 @@ def test_fit_length_finds_the_longest_prompt():
         assert len(ids) <= length < len(build(n + 1)), (length, n)
     with pytest.raises(ValueError):
         fit_length(build, 16, 0)
+    with pytest.raises(RuntimeError, match="stops growing"):  # filler that runs out
+        fit_length(lambda n: [0] * (17 + min(n, 50)), 100, 0)
+
+
+def test_documents_never_run_short(task_builder):
+    """Every start is far enough from the end of the text; a text shorter than the prompt repeats."""
+    text = task_builder.text
+    rng = random.Random(0)
+    for n in (100, 4000):
+        assert all(len(text.document_tokens(rng, n)) >= n for _ in range(20))
+    short = tasks.TaskText.__new__(tasks.TaskText)
+    short.tokenizer, short.doc, short.line_starts = text.tokenizer, "Tiny text.\nTwo lines.", [0, 11]
+    assert len(short.document_tokens(rng, 50)) >= 50
 
 
 @pytest.mark.parametrize("reply, answers, distractors, expected", [
