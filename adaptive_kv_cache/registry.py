@@ -63,6 +63,15 @@ def load_method_config(d: Mapping[str, Any]):
     return base.with_overrides({k: v for k, v in d.items() if k != "method"})
 
 
+def resolve_with(data: Mapping[str, Any], overrides: Mapping[str, Any], source=None):
+    """A config from a file's settings (`data`, may be empty) and flags on top; errors name the file."""
+    name = check_name(data.get("method", "fastgen"))
+    try:
+        return load_method_config({**data, **overrides, "method": name})
+    except KVConfigError as e:
+        raise KVConfigError(f"{e} (in {source})" if source is not None and not overrides else str(e)) from e
+
+
 def method_name(config) -> str:
     return getattr(config, "method", "fastgen") or "fastgen"
 

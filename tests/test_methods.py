@@ -1,0 +1,295 @@
+"""Every registered method (FastGen has its own file): budgets kept exactly with the bytes to show for it, a
+budget of 100% equal to the dense cache, the packed store equal to a masked reference written from the papers,
+a batch of two equal to each alone, GQA compressed per KV head; the registry's configs and errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
+from adaptive_kv_cache.registry import CONFIG_DIR, METHODS, defaults, load_method_config, method_class
+from llama import Llama
+from llama.attention import EMPTY_POS
+from methods_reference import MaskedMethodCache, budget_of, pyramid
+
+NAMES = [m for m in METHODS if m != "fastgen"]
+#: Small windows and sinks so that a ~100-token prompt leaves something to rank (the defaults suit 2k prompts).
+TEST_OPTIONS = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 8}, "pyramidkv": {"window": 8, "beta": 4},
+                "adakv": {"window": 8}, "razor": {"retrieval": 0.25, "sinks": 2}}
+#: The registry's methods, and AdaKV around a second scorer (the wrapper composes with any).
+SETTINGS = [(m, {}) for m in NAMES] + [("adakv", {"scorer": "h2o"})]
+IDS = [m if not o else f"{m}-{o['scorer']}" for m, o in SETTINGS]
+
+
+@pytest.fixture(params=["tiny_llama", "stories_llama"])
+def llama(request):
+    return request.getfixturevalue(request.param)
+
+
+STORIES = ""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stories(shared_dir):
+    global STORIES
+    STORIES = (shared_dir / "data" / "tinystories_valid.txt").read_text()
+
+
+def story_tokens(llama, n: int, offset: int = 0):
+    return [llama.tokenizer.bos_id] + llama.tokenizer.encode(STORIES, bos=False, eos=False)[offset : offset + n - 1]
+
+
+def config(name, **over):
+    opts = dict(TEST_OPTIONS.get(name, {}))
+    if over.get("scorer") == "h2o":
+        opts.pop("window", None)
+    return load_method_config({"method": name, **opts, **over})
+
+
+def compressed(llama, cfg) -> Llama:
+    return Llama(llama.model, llama.tokenizer, kv_config=cfg)
+
+
+def teacher_force(model, cache, tokens, P):
+    logits = [model.forward(tokens[:, :P], 0, cache)[:, -1]]
+    for pos in range(P, tokens.shape[1]):
+        logits.append(model.forward(tokens[:, pos : pos + 1], pos, cache)[:, -1])
+    return torch.stack(logits, 1)
+
+
+def kept_positions(cache, layer_id):
+    st = cache.stores[layer_id]
+    out = [st.slot_positions(i) for i in range(st.n_seg)]
+    return [out[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(cache.bsz)]
+
+
+# --- packed == masked reference -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_packed_equals_masked_reference(llama, name, over, k):
+    """Logits and each KV head's kept positions equal a full-size buffer + mask written from the papers, for a
+    batch of two whose prompts end at different steps, evicting every token and every 4 tokens."""
+    p1, p2 = story_tokens(llama, 120), story_tokens(llama, 90, offset=300)
+    tokens = torch.tensor([p1, p2 + story_tokens(llama, 30, offset=600)])
+    prompts = [p1[:100], p2]
+    cfg = config(name, evict_every=k, **over)
+    g = compressed(llama, cfg)
+    packed = g.new_cache(prompts, 120)
+    a = teacher_force(llama.model, packed, tokens, 90)
+    retrieval = packed.method.retrieval.cpu() if name == "razor" else None
+    ref = MaskedMethodCache(cfg, llama.model.params.n_layers, prompts, 128, retrieval=retrieval)
+    b = teacher_force(llama.model, ref, tokens, 90)
+    for layer_id in range(llama.model.params.n_layers):
+        assert kept_positions(packed, layer_id) == ref.kept_positions(layer_id), f"layer {layer_id}"
+    torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+    total = packed.memory_stats()["total"]
+    assert total["kept_bytes"] < 0.75 * total["raw_bytes"]  # the comparison has teeth: half the prompt went
+
+
+# --- budgets kept exactly, with the bytes to show for it -------------------------------------------------------------
+
+
+def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
+    """Per sequence, per KV head, the tokens a segment holds right after an eviction at n positions."""
+    out = []
+    for b, Lb in enumerate(L):
+        B = budget_of(cfg, Lb)
+        if cfg.method == "pyramidkv":
+            B = pyramid(cfg, B, Lb, layer_id, cache.n_layers)
+        grown = n - Lb if not cfg.decode else 0  # prefill-only methods append every generated token
+        if cfg.method == "razor":
+            full = cache.method.retrieval[layer_id].tolist()
+            out.append([n if f else min(B, n) for f in full])
+        else:
+            out.append([min(B, Lb) + grown] * n_kv)
+    return out
+
+
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
+    llama = stories_llama
+    k = 4
+    prompts = [story_tokens(llama, 150), story_tokens(llama, 110, offset=400)]
+    tokens = torch.tensor([prompts[0] + story_tokens(llama, 20, offset=900),
+                           prompts[1] + story_tokens(llama, 60, offset=900)])
+    for budget in ({"budget": 0.3}, {"budget_tokens": 40}):
+        cfg = config(name, evict_every=k, **budget, **over)
+        cache = compressed(llama, cfg).new_cache(prompts, 170)
+        llama.model.forward(tokens[:, :110], 0, cache)
+        checked = 0
+        for pos in range(110, 170):
+            llama.model.forward(tokens[:, pos : pos + 1], pos, cache)
+            if pos + 1 < 150 or cache.steps_since_compaction != 0:
+                continue  # the long prompt still pending, or no eviction in this pass
+            checked += 1
+            stats = cache.memory_stats()
+            for layer_id, (store, layer) in enumerate(zip(cache.stores, stats["layers"])):
+                lengths = [store.lengths[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(2)]
+                if cfg.budgets == "adakv":  # per sequence n_kv x budget in all, each head at least its floor
+                    for b, row in enumerate(lengths):
+                        B = budget_of(cfg, len(prompts[b]))
+                        grown = 0 if cfg.decode else pos + 1 - len(prompts[b])
+                        assert sum(row) == cache.n_kv_heads * (B + grown)
+                        assert min(row) >= math.floor(cfg.alpha * B) + grown
+                else:
+                    assert lengths == expected_lengths(cfg, cache, layer_id, pos + 1, [len(p) for p in prompts],
+                                                       cache.n_kv_heads), f"layer {layer_id} at {pos + 1}"
+                k_buf = store.buf["k"]
+                row = 2 * k_buf.shape[1] * k_buf.element_size()
+                assert layer["kept_tokens"] == sum(store.lengths) and layer["kept_bytes"] == layer["kept_tokens"] * row
+                assert layer["allocated_bytes"] == (k_buf.numel() + store.buf["v"].numel()) * k_buf.element_size()
+                padding = sum(int((p == EMPTY_POS).sum()) for p in store.field("pos"))
+                headroom = sum(g.n * (g.cap - g.width) for g in store.groups)
+                assert layer["slack_bytes"] == (padding + headroom) * row
+                assert all(g.cap - g.width <= store.free_limit(g.width, k) for g in store.groups)
+        assert checked >= 4
+
+
+# --- 100% == dense, batch == alone, GQA --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [{"budget": 1.0, "decode": False}, {"budget_tokens": 512}],
+                         ids=["ratio_prefill_only", "tokens"])
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_full_budget_equals_dense_token_for_token(llama, name, over, budget):
+    prompt = story_tokens(llama, 120)
+    dense, _ = llama.generate([prompt], 30, temperature=0)
+    if name == "razor":
+        budget = {**budget, "retrieval": 0.0}
+    g = compressed(llama, config(name, **over, **budget))
+    out, _ = g.generate([prompt], 30, temperature=0)
+    assert out == dense
+    total = g.kv_stats["total"]
+    assert total["kept_tokens"] == total["segments"] * g.kv_stats["tokens"]
+
+
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_batch_of_two_equals_each_alone(llama, name, over):
+    p1, p2 = story_tokens(llama, 110), story_tokens(llama, 70, offset=500)
+    g = compressed(llama, config(name, evict_every=4, **over))
+    batch, _ = g.generate([p1, p2], 30, temperature=0)
+    alone = [g.generate([p], 30, temperature=0)[0][0] for p in (p1, p2)]
+    assert batch == alone
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "adakv"])
+def test_gqa_compresses_each_kv_head_on_its_own(tiny_llama, name):
+    """4 query heads share 2 KV heads: the store holds one segment per KV head (never per query head), and the
+    heads keep different sets (the reference test checks which)."""
+    prompt = story_tokens(tiny_llama, 100)
+    cache = compressed(tiny_llama, config(name)).new_cache([prompt], 100)
+    tiny_llama.model.forward(torch.tensor([prompt]), 0, cache)
+    params = tiny_llama.model.params
+    assert params.n_heads == 2 * params.n_kv_heads
+    differ = 0
+    for layer_id in range(params.n_layers):
+        assert cache.stores[layer_id].n_seg == params.n_kv_heads
+        heads = kept_positions(cache, layer_id)[0]
+        differ += heads[0] != heads[1]
+    assert differ > 0
+
+
+def test_razor_probe_finds_the_heads_a_plain_computation_finds(tiny_llama):
+    """The echo + induction score of every KV head equals a direct computation: the model's attention maps on a
+    random sequence repeated twice, from hooks-free re-implementation of the layer's query/key projections."""
+    from adaptive_kv_cache.methods.razor import probe_head_scores
+
+    cfg = config("razor", probe_tokens=12, seed=3)
+    model = tiny_llama.model
+    scores = probe_head_scores(model, cfg, model.params.vocab_size, "cpu")
+    g = torch.Generator().manual_seed(3)
+    r = torch.randint(3, model.params.vocab_size, (12,), generator=g)
+    tokens = torch.cat([r, r])[None]
+    # the dense cache holds every layer's rotated keys; the queries are recomputed from the same inputs
+    from llama.kv_cache import KVCache, DenseKVCache
+
+    maps = []
+
+    class Maps(DenseKVCache):
+        def after_attention(self, layer_id, xq, view, stats):
+            q = xq[0].double().transpose(0, 1)  # (heads, T, hd)
+            k = view.keys[0].double().repeat_interleave(xq.shape[2] // view.keys.shape[1], 0)
+            s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+            T = s.shape[-1]
+            maps.append(torch.softmax(s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), -1))
+
+    model.forward(tokens, 0, Maps(model.params.n_layers, 64))
+    for layer_id, p in enumerate(maps):
+        n_kv = model.params.n_kv_heads
+        p = p.view(n_kv, -1, 24, 24).mean(1)
+        expected = [sum(float(p[h, t, t - 12] + p[h, t, t - 11]) for t in range(12, 24)) / 12 for h in range(n_kv)]
+        assert scores[layer_id].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_json_is_the_methods_defaults(name):
+    d = defaults(name)
+    assert d["method"] == name
+    cfg = load_method_config({"method": name})
+    if name == "adakv":
+        assert cfg.budgets == "adakv" and cfg.method == d["scorer"] and cfg.alpha == d["alpha"]
+        return
+    assert cfg == method_class(name).Config(method=name)  # JSON == dataclass defaults
+    assert cfg.to_dict() == d
+    assert resolve_kv_config(str(CONFIG_DIR / f"{name}.json")) == cfg
+
+
+def test_fastgen_json_equals_the_old_default_and_old_format_maps_to_fastgen():
+    from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH, FastGenConfig
+
+    assert {**json.loads(DEFAULT_CONFIG_PATH.read_text()), "method": "fastgen"} == defaults("fastgen")
+    assert resolve_kv_config({"T": 0.9}) == FastGenConfig(T=0.9)
+    assert resolve_kv_config({"method": "fastgen", "T": 0.9}) == FastGenConfig(T=0.9)
+
+
+def test_budget_as_ratio_or_tokens():
+    assert config("snapkv", budget_tokens=128).budget is None
+    assert config("snapkv", budget_tokens=128).with_overrides({"budget": 0.25}).budget_tokens is None
+    assert budget_of(config("h2o", budget=0.25), 2048) == 512
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"method": "snap"}, ["method='snap'", "registered", "snapkv"]),
+    ({"method": "h2o", "window": 4}, ["unknown key 'window'", "h2o", "recent"]),
+    ({"method": "h2o", "budget": 0.5, "budget_tokens": 10}, ["exactly one", "budget_tokens"]),
+    ({"method": "tova", "budget": 1.5}, ["budget=1.5", "(0, 1]"]),
+    ({"method": "tova", "budget_tokens": 0}, ["budget_tokens=0"]),
+    ({"method": "snapkv", "decode": True}, ["decode=true", "prompt"]),
+    ({"method": "snapkv", "kernel": 4}, ["kernel=4", "odd"]),
+    ({"method": "h2o", "budgets": "triangle"}, ["budgets='triangle'", "adakv"]),
+    ({"method": "adakv", "scorer": "razor"}, ["scorer='razor'", "snapkv"]),
+])
+def test_bad_settings_fail_in_one_line_before_model_work(tmp_path, bad, words):
+    with pytest.raises(KVConfigError) as e:
+        Llama.build(str(tmp_path / "missing"), str(tmp_path / "missing.model"), 64, 1, kv_config=bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("kv config: ")
+    for w in words:
+        assert w in msg
+
+
+def test_cli_flags_pick_a_method_and_its_options(tmp_path):
+    from adaptive_kv_cache.cli import UserError, kv_config_from_flags
+
+    cfg = kv_config_from_flags(method="snapkv", budget=0.3, kv_option=["window=16", "pooling=max"])
+    assert (cfg.method, cfg.budget, cfg.window, cfg.pooling) == ("snapkv", 0.3, 16, "max")
+    cfg = kv_config_from_flags(method="adakv", budget_tokens=64, kv_option=["scorer=tova", "alpha=0.5"])
+    assert (cfg.method, cfg.budgets, cfg.budget_tokens, cfg.alpha) == ("tova", "adakv", 64, 0.5)
+    path = tmp_path / "kv.json"
+    path.write_text(json.dumps({"method": "streaming_llm", "sinks": 8}))
+    cfg = kv_config_from_flags(kv_config=str(path), evict_every=2)
+    assert (cfg.method, cfg.sinks, cfg.evict_every, cfg.budget) == ("streaming_llm", 8, 2, 0.5)
+    assert kv_config_from_flags(T=0.9).T == 0.9  # FastGen's flags as before
+    with pytest.raises(UserError, match="--T is not an option of method h2o"):
+        kv_config_from_flags(method="h2o", T=0.9)
+    with pytest.raises(UserError, match="--budget is not an option of method fastgen"):
+        kv_config_from_flags(budget=0.5)
+    with pytest.raises(UserError, match="contradicts"):
+        kv_config_from_flags(kv_config=str(path), method="h2o")
