@@ -190,7 +190,7 @@ def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = N
     if not compress:
         return None
     from adaptive_kv_cache.config import _read_json
-    from adaptive_kv_cache.registry import CONFIG_DIR, check_name, resolve_with
+    from adaptive_kv_cache.registry import check_name, resolve_with
 
     data = {}
     if kv_config is not None:

@@ -205,7 +205,7 @@ def test_razor_probe_finds_the_heads_a_plain_computation_finds(tiny_llama):
     r = torch.randint(3, model.params.vocab_size, (12,), generator=g)
     tokens = torch.cat([r, r])[None]
     # the dense cache holds every layer's rotated keys; the queries are recomputed from the same inputs
-    from llama.kv_cache import KVCache, DenseKVCache
+    from llama.kv_cache import DenseKVCache
 
     maps = []
 

@@ -19,7 +19,7 @@ import torch
 
 from adaptive_kv_cache import budgets as B
 from adaptive_kv_cache.compressed import CompressedCache, CompressionMethod
-from adaptive_kv_cache.config import KVConfigError, _check_float, _check_int, _fail
+from adaptive_kv_cache.config import _check_float, _check_int, _fail
 
 #: Score of a slot a method always keeps (sinks, the recent or observation window), above any attention sum;
 #: rankings run in float64, so PROTECT + position stays exact.

@@ -142,20 +142,20 @@ class RazorAttention(ScoredMethod):
     @staticmethod
     def _merge(store, lay, drop: torch.Tensor, target: torch.Tensor, merging: torch.Tensor) -> None:
         """Writes the running mean of the dropped keys/values (and the compensation slot's own) into the target
-        slots of the merging segments, in place in the store's buffers."""
-        if not bool(merging.any()):
-            return
-        rows = merging.nonzero().flatten()
-        old = lay["merged"][rows, target[rows]].double()  # tokens already in the slot
-        n_drop = drop[rows].sum(1).double()
-        total = old + n_drop
-        for name in ("k", "v"):
-            x = _layer_rows(store, name, rows, lay["pos"].shape[1])  # (r, S, hd)
-            dropped = (x.double() * drop[rows, :, None]).sum(1)
-            slot = x[torch.arange(len(rows)), target[rows]].double()
-            mean = (slot * old[:, None] + dropped) / total[:, None]
-            _write_slots(store, name, rows, target[rows], mean.to(x.dtype))
-        _write_slots(store, "merged", rows, target[rows], total.float())
+        slots of the merging segments, in place in the store's buffers, one group at a time."""
+        for g, k, v, merged in zip(store.groups, store.field("k"), store.field("v"), store.field("merged")):
+            m = g.rows(merging)
+            if not bool(m.any()):
+                continue
+            rows = torch.arange(g.n, device=m.device)[m]
+            t = g.rows(target)[m]
+            d = g.rows(drop)[m, : g.width]  # (r, width)
+            old = merged[rows, t].double()  # tokens already in the slot
+            total = old + d.sum(1).double()
+            for x in (k, v):
+                dropped = (x[rows].double() * d[..., None]).sum(1)
+                x[rows, t] = ((x[rows, t].double() * old[:, None] + dropped) / total[:, None]).to(x.dtype)
+            merged[rows, t] = total.float()
 
     def policy_names(self):
         return ["full (retrieval)", "sinks+window+compensation"]
@@ -166,25 +166,3 @@ class RazorAttention(ScoredMethod):
         d = self.decided[layer_id]
         r = self.retrieval[layer_id].repeat(cache.bsz)
         return [int((d & r).sum()), int((d & ~r).sum())]
-
-
-def _layer_rows(store, name: str, rows: torch.Tensor, S: int) -> torch.Tensor:
-    """(len(rows), S, ...) of a field for the given segments (zeros past a group's width)."""
-    parts = store.field(name)
-    out = parts[0].new_zeros((len(rows), S) + tuple(parts[0].shape[2:]))
-    where = {int(s): i for i, s in enumerate(rows.tolist())}
-    for g, part in zip(store.groups, parts):
-        for r, seg in enumerate(g.members):
-            if seg in where:
-                out[where[seg], : g.width] = part[r]
-    return out
-
-
-def _write_slots(store, name: str, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
-    """store field[name] of segment rows[i], slot cols[i] = values[i]."""
-    parts = store.field(name)
-    for i, (seg, col) in enumerate(zip(rows.tolist(), cols.tolist())):
-        for g, part in zip(store.groups, parts):
-            if seg in g.members:
-                part[g.members.index(seg), col] = values[i]
-                break
