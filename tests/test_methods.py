@@ -293,3 +293,25 @@ def test_cli_flags_pick_a_method_and_its_options(tmp_path):
         kv_config_from_flags(budget=0.5)
     with pytest.raises(UserError, match="contradicts"):
         kv_config_from_flags(kv_config=str(path), method="h2o")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, name):
+    """The same heatmaps as FastGen's for every method: each layer's pooled prompt attention per KV head, the
+    titles saying what each head keeps."""
+    prompt = story_tokens(tiny_llama, 40)
+    seen = []
+    g = compressed(tiny_llama, config(name, budget=0.5))
+    g.attention_observer = lambda layer, seq, attn, names, recs: seen.append((layer, seq, tuple(attn.shape), names))
+    g.model.forward(torch.tensor([prompt]), 0, g.new_cache([prompt], 40))
+    assert [s[:3] for s in seen] == [(0, 0, (2, 40, 40)), (1, 0, (2, 40, 40))]
+    cfg = g.kv_config
+    for layer, _, _, names in seen:
+        if name == "razor":
+            full = g.kv_method.context.get()[layer].tolist()
+            assert names == [f"{cfg.method}: keeps {40 if f else 20} of 40" for f in full]
+        elif name != "adakv":
+            B = 20 if name != "pyramidkv" else pyramid(cfg, 20, 40, layer, 2)
+            assert names == [f"{cfg.method}: keeps {B} of 40"] * 2
+        else:
+            assert sum(int(n.split()[2]) for n in names) == 40

@@ -20,6 +20,7 @@ import torch
 from adaptive_kv_cache import budgets as B
 from adaptive_kv_cache.compressed import CompressedCache, CompressionMethod
 from adaptive_kv_cache.config import _check_float, _check_int, _fail
+from llama.attention import AttentionStats, StatsRequest
 
 #: Score of a slot a method always keeps (sinks, the recent or observation window), above any attention sum;
 #: rankings run in float64, so PROTECT + position stays exact.
@@ -118,8 +119,10 @@ class BudgetConfig:
 class ScoredMethod(CompressionMethod):
     """A method that scores a layer's slots and keeps the best `budget` per segment.
 
-    Subclasses define `stats_request`/`on_stats` (what they learn from attention) and `score` (a layer's slots,
-    higher keeps); `reserved` is how many tokens the method always keeps (the pyramid's floor).
+    Subclasses define `wants`/`take` (the statistics they ask attention for, and what they do with them) and
+    `score` (a layer's slots, higher keeps); `reserved` is how many tokens the method always keeps (the
+    pyramid's floor). An observer (heatmaps) gets each layer's pooled prompt attention and every head's kept
+    count when the first pass ends a prompt.
     """
 
     Config = BudgetConfig
@@ -130,6 +133,9 @@ class ScoredMethod(CompressionMethod):
         self.context = context
         self.name = config.method
         self.decided: Dict[int, torch.Tensor] = {}  # per layer: (n_seg,) bool, the prompt has ended
+        self.observer = observer
+        self.observe_seq: Optional[int] = None
+        self.heat: Dict[int, torch.Tensor] = {}
 
     @classmethod
     def prepare(cls, config: BudgetConfig, llama) -> Any:
@@ -146,12 +152,47 @@ class ScoredMethod(CompressionMethod):
 
     # --- what subclasses define ---------------------------------------------------------------------------------
 
+    def wants(self, cache: CompressedCache, layer_id: int) -> Optional[StatsRequest]:
+        """The statistics this layer's attention should return (None: none, the fastest kernel)."""
+        return None
+
+    def take(self, cache: CompressedCache, layer_id: int, stats: AttentionStats) -> None:
+        """Consumes them (e.g. adds column sums to a per-slot field)."""
+
     def score(self, cache: CompressedCache, layer_id: int, lay: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(n_seg, S) float64 scores of the layer's slots (higher keeps); `lay` holds 'pos' (long), 'valid' and
         the method's slot fields, each (n_seg, S) in the layout of `layer_fields`."""
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------------------------------
+
+    def begin(self, cache: CompressedCache, tokens: torch.Tensor, start_pos: int) -> Dict[str, torch.Tensor]:
+        self.observe_seq = None
+        if self.observer is not None and start_pos == 0 and any(cache.pass_.finishing):
+            self.observe_seq = cache.pass_.finishing.index(True)  # heatmaps need the whole prompt in one pass
+        return {}
+
+    def stats_request(self, cache: CompressedCache, layer_id: int) -> Optional[StatsRequest]:
+        want = self.wants(cache, layer_id)
+        if self.observe_seq is None:
+            return want
+        return dataclasses.replace(want or StatsRequest(gqa=self.config.gqa), heatmap_seq=self.observe_seq)
+
+    def on_stats(self, cache: CompressedCache, layer_id: int, stats: AttentionStats) -> None:
+        if stats.heatmap is not None:
+            self.heat[layer_id] = stats.heatmap
+        self.take(cache, layer_id, stats)
+
+    def observe(self, cache: CompressedCache, layer_id: int, keep: torch.Tensor) -> None:
+        """Hands the observer this layer's heatmap with each head's kept tokens (`keep`: (n_seg, S))."""
+        heat = self.heat.pop(layer_id, None)
+        if heat is None or self.observer is None:
+            return
+        b, n_kv = self.observe_seq, cache.n_kv_heads
+        kept = keep.sum(1).view(-1, n_kv)[b].tolist()
+        L = cache.prompt_lens[b]
+        self.observer(layer_id, b, heat.cpu(), [f"{self.name}: keeps {k} of {L}" for k in kept],
+                      [float("nan")] * n_kv)
 
     def active(self, cache: CompressedCache) -> List[bool]:
         """Per sequence: compress in this pass (its prompt ends now, or it decodes and the method evicts then)."""
@@ -173,9 +214,10 @@ class ScoredMethod(CompressionMethod):
         lay = layer_fields(store, list(self.slot_fields))
         scores = self.score(cache, layer_id, lay)
         budget = cache.per_segment(self.budgets(cache, layer_id))
-        keep = self.allocate(scores, lay, budget, cache.n_kv_heads)
+        keep = self.allocate(scores, lay, budget, cache.n_kv_heads) | ~cache.per_segment(active).bool()[:, None]
         self.note_decided(cache, layer_id)
-        return to_groups(store, keep | ~cache.per_segment(active).bool()[:, None])
+        self.observe(cache, layer_id, keep & lay["valid"])
+        return to_groups(store, keep)
 
     def allocate(self, scores: torch.Tensor, lay: Dict[str, torch.Tensor], budget: torch.Tensor,
                  n_kv: int) -> torch.Tensor:

@@ -34,10 +34,10 @@ class H2O(ScoredMethod):
     Config = H2OConfig
     slot_fields = {"score": (torch.float32, 0.0)}
 
-    def stats_request(self, cache, layer_id):
+    def wants(self, cache, layer_id):
         return StatsRequest(gqa=self.config.gqa)
 
-    def on_stats(self, cache, layer_id, stats):
+    def take(self, cache, layer_id, stats):
         for score, colsum in zip(cache.stores[layer_id].field("score"), stats.colsum):
             score += colsum
 

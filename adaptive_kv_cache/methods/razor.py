@@ -111,7 +111,7 @@ class RazorAttention(ScoredMethod):
     def begin(self, cache, tokens, start_pos):
         if self.retrieval is None:
             self.retrieval = self.context.get().to(tokens.device)
-        return {}
+        return super().begin(cache, tokens, start_pos)
 
     def keep(self, cache, layer_id):
         store = cache.stores[layer_id]
@@ -136,8 +136,10 @@ class RazorAttention(ScoredMethod):
         self._merge(store, lay, drop, target, merging)
         has = merging | comp.any(1)
         keep[torch.arange(store.n_seg, device=keep.device)[has], target[has]] = True
+        keep |= full[:, None]
         self.note_decided(cache, layer_id)
-        return to_groups(store, keep | full[:, None])
+        self.observe(cache, layer_id, keep & valid)
+        return to_groups(store, keep)
 
     @staticmethod
     def _merge(store, lay, drop: torch.Tensor, target: torch.Tensor, merging: torch.Tensor) -> None:

@@ -50,13 +50,13 @@ class SnapKV(ScoredMethod):
     def reserved(self) -> int:
         return self.config.window
 
-    def stats_request(self, cache, layer_id):
+    def wants(self, cache, layer_id):
         if not any(cache.pending):
             return None
         frm = [L - self.config.window if pend else EMPTY_POS for L, pend in zip(cache.prompt_lens, cache.pending)]
         return StatsRequest(gqa=self.config.gqa, window_from=frm)
 
-    def on_stats(self, cache, layer_id, stats):
+    def take(self, cache, layer_id, stats):
         for score, w in zip(cache.stores[layer_id].field("score"), stats.window):
             score += w
 

@@ -27,12 +27,12 @@ class TOVA(ScoredMethod):
         super().__init__(config, context, observer)
         self.last = {}  # layer -> per group (n, width) attention of the pass's last query
 
-    def stats_request(self, cache, layer_id):
+    def wants(self, cache, layer_id):
         if not cache.pass_.compact:
             return None
         return StatsRequest(gqa=self.config.gqa, window_from=[cache.pass_.end - 1] * cache.bsz)
 
-    def on_stats(self, cache, layer_id, stats):
+    def take(self, cache, layer_id, stats):
         self.last[layer_id] = stats.window
 
     def score(self, cache, layer_id, lay):
