@@ -11,6 +11,8 @@ Ties always break towards the older token, so a kept set never depends on slot o
   of the sequence's layer budget (n_kv_heads x budget in total) goes to the best remaining slots of any head,
   so heads whose attention is spread keep more and peaked heads less. Scores must be comparable across heads
   (attention probabilities are).
+* headkv (HeadKV, Fu et al. 2024): static per-head budgets from scores measured once per model: the model's
+  layers x heads x budget split as floor(alpha x budget) per head plus the rest in proportion to the scores.
 """
 
 import math
@@ -18,7 +20,7 @@ from typing import List
 
 import torch
 
-ALLOCATIONS = ("uniform", "pyramid", "adakv")
+ALLOCATIONS = ("uniform", "pyramid", "adakv", "headkv")
 
 
 def rank_desc(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -92,3 +94,18 @@ def budget_tokens(ratio, tokens, prompt_len: int) -> int:
     if tokens is not None:
         return int(tokens)
     return max(1, math.floor(ratio * prompt_len + 1e-9))
+
+
+def headkv_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
+    """(n_layers, n_kv) tokens per head: floor(alpha x budget) each, the rest of layers x heads x budget in
+    proportion to the (non-negative) scores, rounded by largest remainder so that the total is exact (uniform
+    when every score is 0)."""
+    s = scores.double().clamp(min=0)
+    s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / s.numel())
+    floor = math.floor(alpha * budget)
+    pool = (budget - floor) * s.numel()
+    raw = pool * s.flatten()
+    out = torch.floor(raw).long()
+    short = pool - int(out.sum())
+    out[torch.argsort(raw - out, descending=True, stable=True)[:short]] += 1
+    return floor + out.view_as(scores)

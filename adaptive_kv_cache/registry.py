@@ -23,6 +23,7 @@ METHODS = {
     "snapkv": "adaptive_kv_cache.methods.snapkv:SnapKV",
     "pyramidkv": "adaptive_kv_cache.methods.pyramid:PyramidKV",
     "adakv": "adaptive_kv_cache.methods.adakv:AdaKV",
+    "headkv": "adaptive_kv_cache.methods.headkv:HeadKV",
     "razor": "adaptive_kv_cache.methods.razor:RazorAttention",
 }
 

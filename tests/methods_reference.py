@@ -28,6 +28,25 @@ def pyramid(cfg, b, L, layer, n_layers):
     return b - n + round(hi - layer * (hi - lo) / (n_layers - 1))
 
 
+def headkv_split(cfg, B):
+    """HeadKV's per-head budgets, by the definition: floor(alpha B) each, the rest of layers x heads x B shared in
+    proportion to the scores (largest remainders get the leftover tokens, ties to the earlier head)."""
+    import json
+
+    scores = json.loads(open(cfg.head_scores).read())["scores"]
+    flat = [max(0.0, x) for row in scores for x in row]
+    total = sum(flat)
+    share = [x / total for x in flat] if total > 0 else [1 / len(flat)] * len(flat)
+    floor = math.floor(cfg.alpha * B)
+    pool = (B - floor) * len(flat)
+    raw = [pool * x for x in share]
+    out = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: pool - sum(out)]:
+        out[i] += 1
+    n_kv = len(scores[0])
+    return [[floor + out[l * n_kv + h] for h in range(n_kv)] for l in range(len(scores))]
+
+
 class MaskedMethodCache(KVCache):
     def __init__(self, cfg, n_layers, prompt_tokens, max_len, retrieval=None):
         self.cfg, self.n_layers, self.max_len = cfg, n_layers, max_len
@@ -146,9 +165,10 @@ class MaskedMethodCache(KVCache):
                 st["keep"][b, h, j] = True
             return
         for h in range(n_kv):
-            order, _ = self.ranked(layer_id, b, h, n, L, B)
+            Bh = headkv_split(self.cfg, B)[layer_id][h] if self.cfg.budgets == "headkv" else B
+            order, _ = self.ranked(layer_id, b, h, n, L, B)  # H2O's recent window: the unsplit budget
             st["keep"][b, h] = False
-            st["keep"][b, h, order[:B]] = True
+            st["keep"][b, h, order[:Bh]] = True
 
     def razor(self, st, b, h, n, B):
         """Sinks + the newest tokens + one slot holding the mean of every token dropped so far."""

@@ -12,12 +12,12 @@ from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
 from adaptive_kv_cache.registry import CONFIG_DIR, METHODS, defaults, load_method_config, method_class
 from llama import Llama
 from llama.attention import EMPTY_POS
-from methods_reference import MaskedMethodCache, budget_of, pyramid
+from methods_reference import MaskedMethodCache, budget_of, headkv_split, pyramid
 
 NAMES = [m for m in METHODS if m != "fastgen"]
 #: Small windows and sinks so that a ~100-token prompt leaves something to rank (the defaults suit 2k prompts).
 TEST_OPTIONS = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 8}, "pyramidkv": {"window": 8, "beta": 4},
-                "adakv": {"window": 8}, "razor": {"retrieval": 0.25, "sinks": 2}}
+                "adakv": {"window": 8}, "headkv": {"window": 8}, "razor": {"retrieval": 0.25, "sinks": 2}}
 #: The registry's methods, and AdaKV around a second scorer (the wrapper composes with any).
 SETTINGS = [(m, {}) for m in NAMES] + [("adakv", {"scorer": "h2o"})]
 IDS = [m if not o else f"{m}-{o['scorer']}" for m, o in SETTINGS]
@@ -29,12 +29,24 @@ def llama(request):
 
 
 STORIES = ""
+SCORES_DIR = None
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _stories(shared_dir):
-    global STORIES
+def _stories(shared_dir, tmp_path_factory):
+    global STORIES, SCORES_DIR
     STORIES = (shared_dir / "data" / "tinystories_valid.txt").read_text()
+    SCORES_DIR = tmp_path_factory.mktemp("head_scores")
+
+
+def head_scores_file(llama, uniform: bool = False) -> str:
+    """HeadKV scores for this model's shape (random but fixed, or all 0: uniform budgets), as a JSON file."""
+    p = llama.model.params
+    g = torch.Generator().manual_seed(p.n_layers * 10 + p.n_kv_heads)
+    scores = torch.zeros(p.n_layers, p.n_kv_heads) if uniform else torch.rand(p.n_layers, p.n_kv_heads, generator=g)
+    path = SCORES_DIR / f"{p.n_layers}x{p.n_kv_heads}{'-uniform' if uniform else ''}.json"
+    path.write_text(json.dumps({"scores": scores.tolist()}))
+    return str(path)
 
 
 def story_tokens(llama, n: int, offset: int = 0):
@@ -48,7 +60,10 @@ def config(name, **over):
     return load_method_config({"method": name, **opts, **over})
 
 
-def compressed(llama, cfg) -> Llama:
+def compressed(llama, cfg, uniform_scores: bool = False) -> Llama:
+    """A generator around the shared model with this config (HeadKV gets scores of the model's shape)."""
+    if cfg.budgets == "headkv" and cfg.head_scores is None:
+        cfg = cfg.replace(head_scores=head_scores_file(llama, uniform_scores))
     return Llama(llama.model, llama.tokenizer, kv_config=cfg)
 
 
@@ -76,8 +91,8 @@ def test_packed_equals_masked_reference(llama, name, over, k):
     p1, p2 = story_tokens(llama, 120), story_tokens(llama, 90, offset=300)
     tokens = torch.tensor([p1, p2 + story_tokens(llama, 30, offset=600)])
     prompts = [p1[:100], p2]
-    cfg = config(name, evict_every=k, **over)
-    g = compressed(llama, cfg)
+    g = compressed(llama, config(name, evict_every=k, **over))
+    cfg = g.kv_config
     packed = g.new_cache(prompts, 120)
     a = teacher_force(llama.model, packed, tokens, 90)
     retrieval = packed.method.retrieval.cpu() if name == "razor" else None
@@ -104,6 +119,8 @@ def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
         if cfg.method == "razor":
             full = cache.method.retrieval[layer_id].tolist()
             out.append([n if f else min(B, n) for f in full])
+        elif cfg.budgets == "headkv":
+            out.append([min(x, Lb) + grown for x in headkv_split(cfg, B)[layer_id]])
         else:
             out.append([min(B, Lb) + grown] * n_kv)
     return out
@@ -117,8 +134,9 @@ def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
     tokens = torch.tensor([prompts[0] + story_tokens(llama, 20, offset=900),
                            prompts[1] + story_tokens(llama, 60, offset=900)])
     for budget in ({"budget": 0.3}, {"budget_tokens": 40}):
-        cfg = config(name, evict_every=k, **budget, **over)
-        cache = compressed(llama, cfg).new_cache(prompts, 170)
+        g = compressed(llama, config(name, evict_every=k, **budget, **over))
+        cfg = g.kv_config
+        cache = g.new_cache(prompts, 170)
         llama.model.forward(tokens[:, :110], 0, cache)
         checked = 0
         for pos in range(110, 170):
@@ -160,7 +178,7 @@ def test_full_budget_equals_dense_token_for_token(llama, name, over, budget):
     dense, _ = llama.generate([prompt], 30, temperature=0)
     if name == "razor":
         budget = {**budget, "retrieval": 0.0}
-    g = compressed(llama, config(name, **over, **budget))
+    g = compressed(llama, config(name, **over, **budget), uniform_scores=True)  # headkv: the uniform split
     out, _ = g.generate([prompt], 30, temperature=0)
     assert out == dense
     total = g.kv_stats["total"]
@@ -233,8 +251,8 @@ def test_shipped_json_is_the_methods_defaults(name):
     d = defaults(name)
     assert d["method"] == name
     cfg = load_method_config({"method": name})
-    if name == "adakv":
-        assert cfg.budgets == "adakv" and cfg.method == d["scorer"] and cfg.alpha == d["alpha"]
+    if name in ("adakv", "headkv"):
+        assert cfg.budgets == name and cfg.method == d["scorer"] and cfg.alpha == d["alpha"]
         return
     assert cfg == method_class(name).Config(method=name)  # JSON == dataclass defaults
     assert cfg.to_dict() == d
@@ -310,8 +328,56 @@ def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, na
         if name == "razor":
             full = g.kv_method.context.get()[layer].tolist()
             assert names == [f"{cfg.method}: keeps {40 if f else 20} of 40" for f in full]
+        elif name == "headkv":
+            assert names == [f"{cfg.method}: keeps {min(40, b)} of 40" for b in headkv_split(cfg, 20)[layer]]
         elif name != "adakv":
             B = 20 if name != "pyramidkv" else pyramid(cfg, 20, 40, layer, 2)
             assert names == [f"{cfg.method}: keeps {B} of 40"] * 2
         else:
             assert sum(int(n.split()[2]) for n in names) == 40
+
+
+# --- HeadKV ----------------------------------------------------------------------------------------------------------
+
+
+def test_headkv_budgets_split_the_models_budget_by_score():
+    from adaptive_kv_cache.budgets import headkv_budgets
+
+    scores = torch.tensor([[0.0, 1.0], [3.0, 0.0], [0.0, 0.0]])
+    b = headkv_budgets(scores, 10, alpha=0.2)
+    assert int(b.sum()) == 6 * 10 and (b >= 2).all()
+    assert b.tolist() == [[2, 14], [2 + 36, 2], [2, 2]]  # pool 48: 1/4 and 3/4
+    assert headkv_budgets(torch.zeros(2, 3), 7, 0.5).tolist() == [[7, 7, 7], [7, 7, 7]]  # no scores: uniform
+    odd = headkv_budgets(torch.tensor([[1.0, 1.0, 1.0]]), 5, 0.0)
+    assert sorted(odd.flatten().tolist()) == [5, 5, 5] and int(odd.sum()) == 15
+
+
+def test_headkv_keeps_each_heads_scored_budget(tiny_llama, tmp_path):
+    """Scores written next to a checkpoint (as scripts/score_heads.py does) set each head's budget."""
+    from adaptive_kv_cache.budgets import headkv_budgets
+
+    path = tmp_path / "head_scores.json"
+    scores = [[0.5, 0.1], [0.0, 0.4]]
+    path.write_text(json.dumps({"scores": scores}))
+    prompt = story_tokens(tiny_llama, 100)
+    g = compressed(tiny_llama, load_method_config({"method": "headkv", "window": 8, "head_scores": str(path)}))
+    cache = g.new_cache([prompt], 100)
+    tiny_llama.model.forward(torch.tensor([prompt]), 0, cache)
+    expected = headkv_budgets(torch.tensor(scores), 50, 0.2).clamp(max=100).tolist()
+    assert [cache.stores[i].lengths for i in range(2)] == expected
+    with pytest.raises(KVConfigError, match="score_heads.py"):
+        Llama(tiny_llama.model, tiny_llama.tokenizer, kv_config={"method": "headkv"})  # no ckpt_dir scores
+
+
+def test_score_heads_script_writes_scores_next_to_the_checkpoint(dist, tiny_ckpt_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("score_heads", Path(__file__).parents[1] / "scripts" / "score_heads.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--ckpt_dir", str(tiny_ckpt_dir), "--lengths", "64", "--depths", "0.5", "--trials", "2",
+                    "--out", str(tmp_path / "s.json")])
+    d = json.loads(out.read_text())
+    assert d["items"] == 2 and len(d["scores"]) == 2 and all(len(r) == 2 for r in d["scores"])
+    assert all(0 <= x <= 1 for r in d["scores"] for x in r) and sum(map(sum, d["scores"])) > 0

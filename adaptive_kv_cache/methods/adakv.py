@@ -18,8 +18,9 @@ class AdaKV:
         d = dict(d)
         d.pop("method", None)
         scorer = d.pop("scorer", "snapkv")
-        if scorer in ("adakv", "fastgen", "razor") or scorer not in METHODS:
-            allowed = [m for m in METHODS if m not in ("adakv", "fastgen", "razor")]
+        banned = ("adakv", "headkv", "fastgen", "razor")
+        if scorer in banned or scorer not in METHODS:
+            allowed = [m for m in METHODS if m not in banned]
             _fail(f"scorer={scorer!r} cannot be wrapped by adakv; allowed scorers: {', '.join(allowed)}")
         if d.get("budgets", "adakv") != "adakv":
             _fail(f"budgets={d['budgets']!r} contradicts method adakv; leave budgets out")

@@ -44,8 +44,9 @@ class BudgetConfig:
     method         registry name (set by the registry)
     budget         tokens each (sequence, KV head) keeps, as a share of its prompt, (0, 1]
     budget_tokens  ... or as a token count (>= 1); exactly one of budget and budget_tokens is set
-    budgets        how a layer's budget is split over heads and layers: uniform | pyramid | adakv
-    alpha          adakv: share of its budget each head keeps by its own ranking, [0, 1]
+    budgets        how the budget is split over heads and layers: uniform | pyramid | adakv | headkv
+    head_scores    headkv: the scores file (default: head_scores.json next to the checkpoint)
+    alpha          adakv, headkv: share of its budget each head keeps whatever the others need, [0, 1]
     beta           pyramid: largest / smallest non-reserved budget is about 2 beta - 1, >= 1
     gqa            how the query heads sharing a KV head are combined in the statistics: mean | max
     decode         evict during decoding too (keep the budget at every eviction), or only at the prompt's end
@@ -61,6 +62,7 @@ class BudgetConfig:
     gqa: str = "mean"
     decode: bool = True
     evict_every: int = 16
+    head_scores: Optional[str] = None
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.budget_tokens is None):
@@ -76,6 +78,8 @@ class BudgetConfig:
         _check_choice("gqa", self.gqa, ("mean", "max"))
         _check_bool("decode", self.decode)
         _check_int("evict_every", self.evict_every, 1)
+        if self.head_scores is not None and not isinstance(self.head_scores, str):
+            _fail(f"head_scores must be a path (a string), got {type(self.head_scores).__name__}")
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
@@ -139,7 +143,16 @@ class ScoredMethod(CompressionMethod):
 
     @classmethod
     def prepare(cls, config: BudgetConfig, llama) -> Any:
-        """What every generation of a `Llama` shares (made once per kv_config): here nothing."""
+        """What every generation of a `Llama` shares (made once per kv_config): HeadKV's head scores."""
+        if config.budgets == "headkv":
+            from adaptive_kv_cache.methods.headkv import load_head_scores
+
+            scores = load_head_scores(config, getattr(llama, "ckpt_dir", None))
+            p = llama.model.params
+            if tuple(scores.shape) != (p.n_layers, p.n_kv_heads):
+                _fail(f"head scores of shape {tuple(scores.shape)} do not fit this model's "
+                      f"({p.n_layers} layers, {p.n_kv_heads} KV heads); score it with scripts/score_heads.py")
+            return scores
         return None
 
     @classmethod
@@ -198,8 +211,16 @@ class ScoredMethod(CompressionMethod):
         """Per sequence: compress in this pass (its prompt ends now, or it decodes and the method evicts then)."""
         return [fin or (not pend and self.config.decode) for fin, pend in zip(cache.pass_.finishing, cache.pending)]
 
+    def segment_budgets(self, cache: CompressedCache, layer_id: int) -> torch.Tensor:
+        """(n_seg,) tokens each segment keeps in this layer."""
+        base = self.budgets(cache, layer_id)
+        if self.config.budgets != "headkv":
+            return cache.per_segment(base)
+        rows = [B.headkv_budgets(self.context, b, self.config.alpha)[layer_id] for b in base]
+        return torch.cat(rows).to(cache.per_segment(base).device)
+
     def budgets(self, cache: CompressedCache, layer_id: int) -> List[int]:
-        """Per sequence, tokens each of its heads keeps in this layer."""
+        """Per sequence, tokens each of its heads keeps in this layer (before headkv's per-head split)."""
         c = self.config
         base = [B.budget_tokens(c.budget, c.budget_tokens, L) for L in cache.prompt_lens]
         if c.budgets == "pyramid":
@@ -213,7 +234,7 @@ class ScoredMethod(CompressionMethod):
             return [None] * len(store.groups)
         lay = layer_fields(store, list(self.slot_fields))
         scores = self.score(cache, layer_id, lay)
-        budget = cache.per_segment(self.budgets(cache, layer_id))
+        budget = self.segment_budgets(cache, layer_id)
         keep = self.allocate(scores, lay, budget, cache.n_kv_heads) | ~cache.per_segment(active).bool()[:, None]
         self.note_decided(cache, layer_id)
         self.observe(cache, layer_id, keep & lay["valid"])
