@@ -210,13 +210,15 @@ class Llama:
             FileNotFoundError, ValueError: bad paths or settings, before any weights are read.
         """
         # Settings first: a bad config, device or dtype must fail before any model work.
-        from adaptive_kv_cache.config import resolve_kv_config
         from llama.checkpoint import (
             check_hf_folder, find_native_shards, human_count, is_hf_folder, load_hf_folder,
             parameter_count, trained_context,
         )
 
-        kv_config = resolve_kv_config(kv_config)
+        if kv_config is not None:  # uncompressed runs never import adaptive_kv_cache
+            from adaptive_kv_cache.config import resolve_kv_config
+
+            kv_config = resolve_kv_config(kv_config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
