@@ -381,3 +381,22 @@ def test_score_heads_script_writes_scores_next_to_the_checkpoint(dist, tiny_ckpt
     d = json.loads(out.read_text())
     assert d["items"] == 2 and len(d["scores"]) == 2 and all(len(r) == 2 for r in d["scores"])
     assert all(0 <= x <= 1 for r in d["scores"] for x in r) and sum(map(sum, d["scores"])) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir, name):
+    """Steady-state decode (no prompt ending, no eviction due) issues no host-device synchronisation."""
+    g = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), 256, 1, device="cuda")
+    g = compressed(g, config(name, evict_every=8))
+    tokens = torch.tensor([story_tokens(g, 80)], device="cuda")
+    cache = g.new_cache([tokens[0, :60].tolist()], 80)
+    g.model.forward(tokens[:, :60], 0, cache)
+    for pos in range(60, 62):
+        g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # the prompt's end compacted; decode passes 60 .. 66 do not (k = 8: the next is position 67)
+        for pos in range(62, 67):
+            g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
