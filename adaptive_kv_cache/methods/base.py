@@ -41,7 +41,7 @@ def _check_bool(name: str, value: Any) -> None:
 class BudgetConfig:
     """Options every scoring method takes (see each method's JSON in adaptive_kv_cache/configs/).
 
-    method         registry name (set by the registry)
+    method         registry name (each subclass's default is its own)
     budget         tokens each (sequence, KV head) keeps, as a share of its prompt, (0, 1]
     budget_tokens  ... or as a token count (>= 1); exactly one of budget and budget_tokens is set
     budgets        how the budget is split over heads and layers: uniform | pyramid | adakv | headkv
@@ -65,6 +65,9 @@ class BudgetConfig:
     head_scores: Optional[str] = None
 
     def __post_init__(self) -> None:
+        from adaptive_kv_cache.registry import check_name
+
+        check_name(self.method)
         if (self.budget is None) == (self.budget_tokens is None):
             _fail(f"give exactly one of budget (a share of the prompt) and budget_tokens (a token count), got "
                   f"budget={self.budget!r}, budget_tokens={self.budget_tokens!r}")

@@ -21,6 +21,7 @@ class H2OConfig(BudgetConfig):
     """recent: share of the budget for the most recent tokens, [0, 1] (the paper: half heavy, half recent);
     normalize: rank by attention per query that saw the token instead of the raw sum."""
 
+    method: str = "h2o"
     recent: float = 0.5
     normalize: bool = False
 

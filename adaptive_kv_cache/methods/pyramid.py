@@ -8,6 +8,7 @@ from adaptive_kv_cache.methods.snapkv import SnapKV, SnapKVConfig
 
 @dataclass(frozen=True)
 class PyramidKVConfig(SnapKVConfig):
+    method: str = "pyramidkv"
     budgets: str = "pyramid"
 
 

@@ -31,6 +31,7 @@ class RazorConfig(BudgetConfig):
     """retrieval: share of the model's KV heads kept whole, [0, 1]; sinks: first positions always kept;
     probe_tokens: length of the random sequence the probe repeats; seed: its random generator's seed."""
 
+    method: str = "razor"
     retrieval: float = 0.15
     sinks: int = 4
     probe_tokens: int = 64

@@ -25,6 +25,7 @@ class SnapKVConfig(BudgetConfig):
     """window: observation window (the prompt's last queries, always kept); kernel: odd pooling width
     (1: no pooling); pooling: avg | max."""
 
+    method: str = "snapkv"
     window: int = 64
     kernel: int = 5
     pooling: str = "avg"

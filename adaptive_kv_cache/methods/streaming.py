@@ -16,6 +16,7 @@ from adaptive_kv_cache.methods.base import PROTECT, BudgetConfig, ScoredMethod
 class StreamingConfig(BudgetConfig):
     """sinks: first positions always kept (kvpress: 4; SmolLM2 prompts carry no BOS, so they are the sink)."""
 
+    method: str = "streaming_llm"
     sinks: int = 4
 
     def __post_init__(self) -> None:

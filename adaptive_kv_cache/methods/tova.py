@@ -17,7 +17,7 @@ from llama.attention import StatsRequest
 
 @dataclass(frozen=True)
 class TOVAConfig(BudgetConfig):
-    pass
+    method: str = "tova"
 
 
 class TOVA(ScoredMethod):
