@@ -9,6 +9,7 @@ prompt file) prints one line `<script>: error: <message>` and exits non-zero, on
 
 import argparse
 import difflib
+import json
 import math
 import os
 import shlex
@@ -18,7 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH, FastGenConfig, load_config
+from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH
+from adaptive_kv_cache.registry import METHODS, config_dict, describe
+
+METHOD_NAMES = tuple(METHODS)
 
 DEBUG_ENV = "ADAPTIVE_KV_DEBUG"
 
@@ -128,12 +132,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
                    help="tokens generated per answer" + (f" (default {max_gen_len})" if max_gen_len else
                                                          " (default: up to max_seq_len)"))
     g.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
-    g = parser.add_argument_group("KV-cache compression (FastGen)")
+    g = parser.add_argument_group("KV-cache compression (FastGen by default; --method picks another)")
     g.add_argument("--kv_config", default=None, help=f"config JSON (default {DEFAULT_CONFIG_PATH.name} shipped in "
-                                                     f"adaptive_kv_cache/configs)")
-    g.add_argument("--T", type=float, default=None, help="recovery threshold in [0, 1] (overrides the config)")
-    g.add_argument("--r_l", type=float, default=None, help="local window ratio in (0, 1]")
-    g.add_argument("--r_f", type=float, default=None, help="frequent-token ratio in (0, 1]")
+                                                     f"adaptive_kv_cache/configs; one NAME.json per method there)")
+    g.add_argument("--method", default=None, metavar="NAME",
+                   help="compression method: " + ", ".join(METHOD_NAMES) + " (default: the config's, fastgen)")
+    g.add_argument("--budget", type=float, default=None,
+                   help="tokens each (sequence, KV head) keeps, as a share of its prompt in (0, 1] (not fastgen)")
+    g.add_argument("--budget_tokens", type=int, default=None,
+                   help="... or as a token count >= 1 (not fastgen)")
+    g.add_argument("--budgets", default=None, metavar="HOW",
+                   help="split of a layer's budget: uniform, pyramid or adakv (not fastgen)")
+    g.add_argument("--kv_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method (repeatable; VALUE read as JSON, else as text), e.g. "
+                        "--kv_option window=32 --kv_option sinks=4")
+    g.add_argument("--T", type=float, default=None, help="FastGen: recovery threshold in [0, 1] (overrides the "
+                                                         "config)")
+    g.add_argument("--r_l", type=float, default=None, help="FastGen: local window ratio in (0, 1]")
+    g.add_argument("--r_f", type=float, default=None, help="FastGen: frequent-token ratio in (0, 1]")
     g.add_argument("--evict_every", type=int, default=None,
                    help="decode steps between evictions, k >= 1 (1: after every token, as in the paper)")
     g.add_argument("--compress", dest="compress", action="store_true", default=True, help="compress (default)")
@@ -149,20 +165,56 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
     g.add_argument("--debug", action="store_true", help=f"show tracebacks (also {DEBUG_ENV}=1)")
 
 
-def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = None, r_l: Optional[float] = None,
-                         r_f: Optional[float] = None, compress: bool = True,
-                         evict_every: Optional[int] = None) -> Optional[FastGenConfig]:
-    """`--kv_config PATH --T --r_l --r_f --evict_every --compress/--no-compress` -> a validated config (None =
-    uncompressed).
+def _option(text: str):
+    """`KEY=VALUE` -> (key, value): VALUE as JSON (numbers, true/false, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--kv_option {text!r} must look like KEY=VALUE, e.g. --kv_option window=32")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
-    Runs before the model is loaded, so a bad setting fails first.
+
+def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = None, r_l: Optional[float] = None,
+                         r_f: Optional[float] = None, compress: bool = True, evict_every: Optional[int] = None,
+                         method: Optional[str] = None, budget: Optional[float] = None,
+                         budget_tokens: Optional[int] = None, budgets: Optional[str] = None,
+                         kv_option: Sequence[str] = ()):
+    """`--kv_config PATH --method NAME --budget --budget_tokens --budgets --kv_option KEY=VALUE --T --r_l --r_f
+    --evict_every --compress/--no-compress` -> a validated config (None = uncompressed).
+
+    The config file (default: FastGen's shipped one, or the shipped NAME.json when --method is given) with the
+    flags on top. Runs before the model is loaded, so a bad setting fails first.
     """
     if not compress:
         return None
-    config = load_config(kv_config if kv_config is not None else DEFAULT_CONFIG_PATH)
-    overrides = {k: v for k, v in {"T": T, "r_l": r_l, "r_f": r_f, "evict_every": evict_every}.items()
-                 if v is not None}
-    return config.with_overrides(overrides)
+    from adaptive_kv_cache.config import _read_json
+    from adaptive_kv_cache.registry import check_name, resolve_with
+
+    data = {}
+    if kv_config is not None:
+        data = _read_json(Path(kv_config))
+        if not isinstance(data, dict):
+            raise UserError(f"--kv_config {kv_config}: expected a JSON object of settings")
+    if method is not None:
+        check_name(method)
+        if data.get("method", method) != method and kv_config is not None:
+            raise UserError(f"--method {method} contradicts method {data.get('method')!r} in --kv_config "
+                            f"{kv_config}; drop one of them")
+        data["method"] = method
+    name = data.get("method", "fastgen")
+    fastgen_only = {"T": T, "r_l": r_l, "r_f": r_f}
+    scored_only = {"budget": budget, "budget_tokens": budget_tokens, "budgets": budgets}
+    wrong = [k for k, v in (scored_only if name == "fastgen" else fastgen_only).items() if v is not None]
+    if wrong:
+        raise UserError(f"--{wrong[0]} is not an option of method {name}; "
+                        + ("pick a method with --method" if name == "fastgen" else "FastGen's --T, --r_l and "
+                           "--r_f need --method fastgen"))
+    flags = {**fastgen_only, **scored_only, "evict_every": evict_every}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(dict(_option(o) for o in kv_option))
+    return resolve_with(data, overrides, source=kv_config)
 
 
 def save_images_requested(args=None) -> bool:
@@ -181,7 +233,8 @@ def check_common(args) -> Dict:
     Raises:
         UserError, ValueError, FileNotFoundError: with the sentence to show.
     """
-    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every)
+    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every,
+                                     args.method, args.budget, args.budget_tokens, args.budgets, args.kv_option)
     ckpt = Path(args.ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no such directory (a native checkpoint holds params.json and "
@@ -355,7 +408,7 @@ class RunRecord:
         self.image_seq = args.image_seq
         self.generator = generator
         kv = generator.kv_config
-        self.config = kv.to_dict() if kv is not None else None
+        self.config = config_dict(kv) if kv is not None else None
         self.meta = {
             "run_id": self.run_id,
             "command": " ".join(shlex.quote(a) for a in [script, *argv]),
@@ -453,7 +506,6 @@ def log_model_line(generator, checked: Dict) -> None:
     if rank() != 0:
         return
     kv = generator.kv_config
-    what = (f"FastGen T={kv.T:g} r_l={kv.r_l:g} r_f={kv.r_f:g} evict_every={kv.evict_every}" if kv is not None
-            else "uncompressed KV cache")
+    what = describe(kv) if kv is not None else "uncompressed KV cache"
     print(f"running on {generator.device}, {str(generator.dtype).replace('torch.', '')}, "
           f"{checked['threads']} thread(s), {what}", file=sys.stderr)

@@ -261,5 +261,6 @@ class CompressedCache(KVCache):
             "tokens": self.length,
             "batch": self.bsz,
             "candidates": names,
+            "method": self.method.name,
             "heads": [self.method.head_info(self, i) if s is not None else [] for i, s in enumerate(self.stores)],
         }

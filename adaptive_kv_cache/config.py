@@ -245,39 +245,60 @@ class FastGenConfig:
         return tuple("+".join(c) for c in self.candidates)
 
 
-def load_config(path: str | Path) -> FastGenConfig:
-    """Read a JSON config file. Keys left out take the dataclass defaults."""
-    p = Path(path)
+def _read_json(p: Path) -> Any:
     if not p.is_file():
         raise FileNotFoundError(f"{_PREFIX}: file not found: {p}")
-    text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
+        return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KVConfigError(
             f"{_PREFIX}: {p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         ) from e
+
+
+def load_config(path: str | Path) -> FastGenConfig:
+    """Read a FastGen JSON config file. Keys left out take the dataclass defaults; a "method" key must say
+    fastgen."""
+    p = Path(path)
+    data = _read_json(p)
+    if isinstance(data, Mapping) and "method" in data:
+        if data["method"] != "fastgen":
+            raise KVConfigError(f"{_PREFIX}: {p} configures method {data['method']!r}, not fastgen")
+        data = {k: v for k, v in data.items() if k != "method"}
     try:
         return FastGenConfig.from_dict(data)
     except KVConfigError as e:
         raise KVConfigError(f"{e} (in {p})") from e
 
 
-def resolve_kv_config(kv_config: Any) -> FastGenConfig | None:
+def resolve_kv_config(kv_config: Any):
     """Normalise the user-facing ``kv_config`` argument.
 
-    None -> None (no compression); FastGenConfig -> itself; a mapping -> the shipped defaults
-    (``configs/config.json``) with those overrides; str / Path -> ``load_config(path)``.
+    None -> None (no compression); a config object (FastGenConfig, or a registered method's) -> itself; a
+    mapping -> its method's shipped defaults (``configs/<method>.json``; FastGen's ``configs/config.json`` when
+    the mapping names no method) with those overrides; str / Path -> a JSON file read the same way.
     """
     if kv_config is None:
         return None
-    if isinstance(kv_config, FastGenConfig):
+    if isinstance(kv_config, FastGenConfig) or hasattr(kv_config, "method") and hasattr(kv_config, "to_dict"):
         return kv_config
     if isinstance(kv_config, Mapping):
-        return load_config(DEFAULT_CONFIG_PATH).with_overrides(kv_config)
+        if "method" not in kv_config:
+            return load_config(DEFAULT_CONFIG_PATH).with_overrides(kv_config)
+        from adaptive_kv_cache.registry import load_method_config
+
+        return load_method_config(kv_config)
     if isinstance(kv_config, (str, Path)):
+        data = _read_json(Path(kv_config))
+        if isinstance(data, Mapping) and "method" in data:
+            from adaptive_kv_cache.registry import load_method_config
+
+            try:
+                return load_method_config(data)
+            except KVConfigError as e:
+                raise KVConfigError(f"{e} (in {kv_config})") from e
         return load_config(kv_config)
     raise TypeError(
-        f"{_PREFIX}: kv_config must be None, a FastGenConfig, a dict of overrides or a path to a "
+        f"{_PREFIX}: kv_config must be None, a config object, a dict of settings or a path to a "
         f"JSON file, got {type(kv_config).__name__}"
     )

@@ -16,7 +16,7 @@ import torch
 from adaptive_kv_cache.compressed import CompressedCache, CompressionMethod
 from adaptive_kv_cache.policies import BASIC_ORDER, Local, TokenStats, basic_policies, build_candidates, union_keep
 from adaptive_kv_cache.profiler import profile
-from adaptive_kv_cache.tokens import TokenClasses, special_mask
+from adaptive_kv_cache.tokens import TokenClasses, special_mask, token_classes
 from llama.attention import StatsRequest
 
 SPECIAL, PUNCT = 1, 2  # bits of the per-slot class byte
@@ -60,6 +60,15 @@ class FastGen(CompressionMethod):
         self.windows: List[int] = []
         self._prompt_special: Optional[List[torch.Tensor]] = None
         self.profiling_seconds = 0.0  # wall time of the policy choice and the first compaction's keep masks
+
+    @classmethod
+    def prepare(cls, config, llama) -> TokenClasses:
+        """What every generation of a `Llama` shares: the token classes of its vocabulary."""
+        return token_classes(llama.tokenizer, config.special_strings)
+
+    @classmethod
+    def create(cls, config, classes: TokenClasses, observer: Optional[Callable] = None) -> "FastGen":
+        return cls(config, classes, observer)
 
     # --- per pass ---------------------------------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ class AttentionHeatmaps:
                 ax.axis("off")
                 continue
             im = ax.imshow(a[h], norm=LogNorm(vmin=1e-6, vmax=1.0), cmap="viridis", interpolation="nearest")
-            ax.set_title(f"kv head {h}: {policies[h]}\nrecovery {recoveries[h]:.3f}", fontsize=8)
+            rec = f"\nrecovery {recoveries[h]:.3f}" if recoveries[h] == recoveries[h] else ""  # nan: none
+            ax.set_title(f"kv head {h}: {policies[h]}{rec}", fontsize=8)
             ax.set_xlabel("key position", fontsize=7)
             if h % cols == 0:
                 ax.set_ylabel("query position", fontsize=7)
@@ -93,7 +94,7 @@ def plot_policy_distribution(stats: Dict, path="images/policy_distribution.png")
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_xlabel("layer")
     ax.set_ylabel("(sequence, KV head) segments")
-    ax.set_title("FastGen policy per layer")
+    ax.set_title("policy per layer")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -63,7 +63,8 @@ def summary(stats: Dict, compressed: bool = True) -> str:
             f"{stats['tokens']}."
         )
     return (
-        f"{head}: a dense cache holds {raw} B for these positions; FastGen keeps {kept} B "
+        f"{head}: a dense cache holds {raw} B for these positions; "
+        f"{'FastGen' if stats.get('method', 'fastgen') == 'fastgen' else stats['method']} keeps {kept} B "
         f"({_pct(kept, raw):.2f}% saved).\n"
         f"Allocated: {alloc} B = kept + {t['slack_bytes']} B growth slack ({_pct(alloc, raw):.2f}% saved counting "
         f"it); policy metadata {t['metadata_bytes']} B on top; peak allocated {stats['peak_allocated_bytes']} B "
@@ -85,6 +86,14 @@ def render(stats: Dict, config: Optional[Dict] = None) -> str:
     if config is not None:
         parts += ["", "## Configuration", "", "```json", json.dumps(config, indent=1), "```"]
     return "\n".join(parts) + "\n"
+
+
+def _describe(config: Dict) -> str:
+    """A config dict (its method named, FastGen's when it names none) in one line."""
+    if config.get("method", "fastgen") == "fastgen":
+        return f"FastGen T={config['T']:g} r_l={config['r_l']:g} r_f={config['r_f']:g}"
+    return f"{config['method']} (" + ", ".join(f"{k}={v}" for k, v in config.items()
+                                               if k != "method" and v is not None) + ")"
 
 
 def _fence(text: str) -> List[str]:
@@ -111,8 +120,7 @@ def render_run(run: Dict, batches: List[Dict], config: Optional[Dict]) -> str:
                                    + (f", {run['model_parallel']} model-parallel ranks"
                                       if run["model_parallel"] > 1 else "")),
         ("settings", ", ".join(f"{k}={v}" for k, v in s.items())),
-        ("KV cache", f"FastGen T={config['T']:g} r_l={config['r_l']:g} r_f={config['r_f']:g}" if config
-         else "uncompressed"),
+        ("KV cache", _describe(config) if config else "uncompressed"),
     ]
     parts = [f"# Run {run['run_id']}", "", "| | |", "| --- | --- |"]
     parts += [f"| {k} | {v} |" for k, v in rows]

@@ -119,6 +119,9 @@ class StatsRequest:
         heatmap_seq: a sequence whose attention map is returned, pooled to at most heatmap_bins x heatmap_bins
             (dense views only).
         heatmap_bins: resolution of that map.
+        window_from: per sequence, an absolute query position: asks for the attention each key received from
+            the queries at that position or later only (SnapKV's observation window, TOVA's last query); a
+            position past the pass (e.g. EMPTY_POS) leaves that sequence's window sums at 0. None: not asked.
     """
 
     colsum: bool = True
@@ -126,6 +129,7 @@ class StatsRequest:
     gqa: str = "mean"
     heatmap_seq: Optional[int] = None
     heatmap_bins: int = 512
+    window_from: Optional[Sequence[int]] = None
 
     def wants_band(self) -> bool:
         return self.band_windows is not None and any(w > 0 for w in self.band_windows)
@@ -139,11 +143,13 @@ class AttentionStats:
         colsum: per group, (n, width) float32.
         band: per group, (n, width) float32, or None when not asked for.
         heatmap: (n_kv_heads, R, C) float32 pooled prompt attention of one sequence, or None.
+        window: per group, (n, width) float32 column sums over the queries at or after `window_from`, or None.
     """
 
     colsum: List[torch.Tensor] = field(default_factory=list)
     band: Optional[List[torch.Tensor]] = None
     heatmap: Optional[torch.Tensor] = None
+    window: Optional[List[torch.Tensor]] = None
 
 
 # --- the reference --------------------------------------------------------------------------------------------
@@ -303,6 +309,7 @@ def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
     f32 = dict(dtype=torch.float32, device=xq.device)
     colsum = torch.zeros(bsz, n_kv, S, **f32)
     band = torch.zeros(bsz, n_kv, S, **f32) if want.wants_band() else None
+    window = torch.zeros(bsz, n_kv, S, **f32) if want.window_from is not None else None
     heat = rbin = cbin = None
     if want.heatmap_seq is not None:
         rbin, nr = _pool_index(seqlen, want.heatmap_bins, xq.device)
@@ -343,6 +350,13 @@ def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
                 if band is not None and want.band_windows[b] > 0:
                     _add_band(band[b, h0:h1], p.view(h1 - h0, n_rep, c, end), pr, cs, start + r0,
                               want.band_windows[b], want.gqa)
+                if window is not None and want.window_from[b] < start + r1:
+                    i0 = max(0, want.window_from[b] - start - r0)  # first row of the tile in the window
+                    if pr is None:  # mean over the query group
+                        cw = p.view(h1 - h0, n_rep, c, end)[:, :, i0:].sum((1, 2)) / n_rep
+                    else:
+                        cw = pr[:, i0:].sum(1)
+                    window[b, h0:h1, :end] += cw
                 if heat is not None and b == want.heatmap_seq:
                     pr = _combine_rep(p, n_rep, want.gqa) if pr is None else pr
                     pooled = torch.zeros(h1 - h0, c, heat.shape[2], **f32).index_add_(2, cbin[:end], pr)
@@ -350,7 +364,8 @@ def chunked_attention(xq: torch.Tensor, view: DenseView, want: StatsRequest,
     if heat is not None:  # mean over the positions pooled into each cell
         heat /= torch.bincount(rbin).view(1, -1, 1) * torch.bincount(cbin).view(1, 1, -1)
     stats = AttentionStats(colsum=[colsum.view(bsz * n_kv, S)],
-                           band=None if band is None else [band.view(bsz * n_kv, S)], heatmap=heat)
+                           band=None if band is None else [band.view(bsz * n_kv, S)], heatmap=heat,
+                           window=None if window is None else [window.view(bsz * n_kv, S)])
     return out.view(bsz, seqlen, n_heads * head_dim), stats
 
 
@@ -382,11 +397,14 @@ def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsReq
     q = q * (1.0 / math.sqrt(head_dim))
     out = torch.empty_like(q)
     qpos = view.start_pos + torch.arange(seqlen, device=xq.device, dtype=torch.int32)
-    stats = windows = None
+    stats = windows = qfrom = None
     if want is not None:
         stats = AttentionStats(band=[] if want.wants_band() else None)
         if want.wants_band():
             windows = torch.tensor(want.band_windows, device=xq.device).repeat_interleave(n_kv)  # per segment
+        if want.window_from is not None:
+            stats.window = []
+            qfrom = _per_segment(want.window_from, n_kv, xq.device)
     for g in view.groups:
         qg = g.rows(q)
         n, width = g.keys.shape[0], g.keys.shape[1]
@@ -398,6 +416,7 @@ def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsReq
             og = torch.empty_like(qg)
             cs_g = torch.zeros(n, width, dtype=torch.float32, device=xq.device)
             band_g = torch.zeros_like(cs_g) if windows is not None else None
+            win_g = torch.zeros_like(cs_g) if qfrom is not None else None
             for r0 in range(0, seqlen, rows):
                 r1 = min(seqlen, r0 + rows)
                 qt = qg.view(n, n_rep, seqlen, head_dim)[:, :, r0:r1].reshape(n, -1, head_dim)
@@ -412,12 +431,22 @@ def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsReq
                 if band_g is not None:
                     near = (qpos[r0:r1, None].long() - g.pos[:, None, :].long()) < g.rows(windows).view(-1, 1, 1)
                     band_g += (pr * (near & visible)).sum(1)
+                if win_g is not None:  # rows at or after the sequence's window start
+                    late = qpos[r0:r1].long()[None, :] >= g.rows(qfrom)[:, None]  # (n, rows)
+                    win_g += (pr * late[..., None]).sum(1)
             stats.colsum.append(cs_g)
             if band_g is not None:
                 stats.band.append(band_g)
+            if win_g is not None:
+                stats.window.append(win_g)
         _put_rows(out, g, og)
     out = out.view(bsz, n_kv, n_rep, seqlen, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(bsz, seqlen, n_heads * head_dim), stats
+
+
+def _per_segment(values: Sequence[int], n_kv: int, device) -> torch.Tensor:
+    """(bsz,) per-sequence values -> (bsz * n_kv,) long, one per segment."""
+    return torch.tensor(values, dtype=torch.long, device=device).repeat_interleave(n_kv)
 
 
 def _put_rows(out: torch.Tensor, g: KVGroup, rows: torch.Tensor) -> None:
@@ -443,6 +472,9 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
         stats = AttentionStats(band=[] if want.wants_band() else None)
         if want.wants_band():
             windows = torch.tensor(want.band_windows, device=xq.device).repeat_interleave(n_kv)
+        if want.window_from is not None:
+            stats.window = []
+            late = _per_segment(want.window_from, n_kv, xq.device) <= view.start_pos  # (n_seg,)
     for g in view.groups:
         qg = g.rows(q)
         if want is None:
@@ -457,6 +489,8 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
             if stats.band is not None:
                 near = (view.start_pos - g.pos.long()) < g.rows(windows)[:, None]
                 stats.band.append(pr * near)
+            if stats.window is not None:
+                stats.window.append(pr * g.rows(late)[:, None])
         _put_rows(out, g, og)
     return out.view(bsz, 1, n_heads * head_dim), stats
 

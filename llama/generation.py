@@ -195,8 +195,9 @@ class Llama:
             model_parallel_size (Optional[int], optional): Number of model parallel processes.
                 If not provided, it's determined from the environment. Defaults to None.
             seed (int): random seed, the same on every rank.
-            kv_config: FastGen KV-cache compression: None (uncompressed), a FastGenConfig, a dict of
-                overrides of the shipped configs/config.json, or a path to a config JSON file.
+            kv_config: KV-cache compression: None (uncompressed), a config object, a dict {"method": NAME,
+                ...options} over the method's shipped adaptive_kv_cache/configs/NAME.json (without "method":
+                FastGen's overrides of configs/config.json), or a path to a config JSON file.
             device: 'cpu', 'cuda' or 'cuda:N'; default CUDA when available. Under torchrun 'cuda' means the
                 rank's local GPU.
             dtype: parameters and KV cache: 'float32', 'bfloat16' or 'float16' (or a torch.dtype); default
@@ -209,13 +210,15 @@ class Llama:
             FileNotFoundError, ValueError: bad paths or settings, before any weights are read.
         """
         # Settings first: a bad config, device or dtype must fail before any model work.
-        from adaptive_kv_cache.config import resolve_kv_config
         from llama.checkpoint import (
             check_hf_folder, find_native_shards, human_count, is_hf_folder, load_hf_folder,
             parameter_count, trained_context,
         )
 
-        kv_config = resolve_kv_config(kv_config)
+        if kv_config is not None:  # uncompressed runs never import adaptive_kv_cache
+            from adaptive_kv_cache.config import resolve_kv_config
+
+            kv_config = resolve_kv_config(kv_config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -324,14 +327,20 @@ class Llama:
         self.attention_observer = None  # callable(layer_id, maps, policies); see adaptive_kv_cache.images
 
     def set_kv_config(self, kv_config) -> None:
-        """Switches KV compression for later generations (None, a FastGenConfig, a dict of overrides or a path)."""
+        """Switches KV compression for later generations: None, a config object, a dict ({"method": NAME,
+        ...options}; without "method", FastGen's overrides) or a path to a config JSON."""
+        self.kv_config = None
+        self.token_classes = None  # FastGen's special/punctuation classes of the vocabulary
+        self.kv_method = None  # the config bound to this model (adaptive_kv_cache.registry.Prepared)
+        if kv_config is None:
+            return  # uncompressed: nothing of adaptive_kv_cache is imported
         from adaptive_kv_cache.config import resolve_kv_config
-        from adaptive_kv_cache.tokens import token_classes
+        from adaptive_kv_cache.registry import Prepared
 
         self.kv_config = resolve_kv_config(kv_config)
-        self.token_classes = None
-        if self.kv_config is not None:
-            self.token_classes = token_classes(self.tokenizer, self.kv_config.special_strings)
+        self.kv_method = Prepared(self.kv_config, self)
+        if self.kv_method.name == "fastgen":
+            self.token_classes = self.kv_method.context
 
     @property
     def device(self) -> torch.device:
@@ -347,12 +356,8 @@ class Llama:
         params = self.model.params
         if self.kv_config is None:
             return DenseKVCache(params.n_layers, params.max_seq_len, capacity=total_len)
-        from adaptive_kv_cache.fastgen import FastGenCache
-
-        return FastGenCache(
-            self.kv_config, self.token_classes, params.n_layers, prompt_tokens, params.max_seq_len,
-            observer=self.attention_observer,
-        )
+        return self.kv_method.new_cache(params.n_layers, prompt_tokens, params.max_seq_len,
+                                        observer=self.attention_observer)
 
     @torch.inference_mode()
     def generate(

@@ -241,3 +241,51 @@ def test_long_prompt_never_materialises_heads_x_L_x_L(dist, stories_llama, make_
     g.model.forward(tokens[:, :8], 0, None)  # warm up the allocator and the kernels
     grown = _peak_growth_mb(lambda: g.model.forward(tokens, 0, cache, last_logits_only=True))
     assert grown < 256, f"the forward pass grew memory by {grown:.0f} MB"
+
+
+# --- window sums (the queries at or after a position: SnapKV's observation window, TOVA's last query) -----------
+
+
+def naive_window(xq, k, v, p, start_pos, window_from, gqa):
+    """Per segment, the column sums over the queries at or after window_from[b], from `naive` run on those
+    queries alone (a query's attention does not depend on the other queries)."""
+    bsz, seqlen, n_heads = xq.shape[:3]
+    n_kv = len(k) // bsz
+    n_rep = n_heads // n_kv
+    out = []
+    for b in range(bsz):
+        i0 = min(seqlen, max(0, window_from[b] - start_pos))
+        for h in range(n_kv):
+            seg = b * n_kv + h
+            if i0 == seqlen:
+                out.append(torch.zeros(len(p[seg]), dtype=torch.float64))
+                continue
+            _, colsum, _ = naive(xq[b : b + 1, i0:, h * n_rep : (h + 1) * n_rep], k[seg : seg + 1], v[seg : seg + 1], p[seg : seg + 1],
+                                 start_pos + i0, gqa=gqa)
+            out.append(colsum[0])
+    return out
+
+
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+@pytest.mark.parametrize("S, seqlen, tile", [(23, 23, 1 << 20), (23, 23, 300), (29, 9, 250), (29, 1, 250)])
+def test_tiled_kernel_window_sums_equal_the_definition(gqa, S, seqlen, tile):
+    """Windows that start inside a tile, before the pass, and after it (EMPTY_POS: nothing)."""
+    xq, view, k, v, p = dense_case(3, 2, 3, S, seqlen, seed=5)
+    window_from = [S - 5, 0, EMPTY_POS]
+    out, stats = chunked_attention(xq, view, StatsRequest(gqa=gqa, window_from=window_from), tile_bytes=tile)
+    torch.testing.assert_close(out, eager_attention(xq, view), atol=1e-5, rtol=1e-5)
+    expected = naive_window(xq, k, v, p, view.start_pos, window_from, gqa)
+    torch.testing.assert_close(stats.window[0].double(), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    _, colsum, _ = naive(xq, k, v, p, view.start_pos, gqa=gqa)
+    torch.testing.assert_close(stats.colsum[0].double(), torch.stack(colsum), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen", [1, 4])
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_packed_window_sums_equal_the_definition(seqlen, gqa):
+    xq, view, k, v, p = packed_case(2, 2, 3, 12, seqlen, [[0, 3], [1, 2]], pad=2, seed=6)
+    window_from = [12 + seqlen - 1, 0] if seqlen > 1 else [EMPTY_POS, 12]
+    _, stats = packed_attention(xq, view, StatsRequest(gqa=gqa, window_from=window_from), tile_bytes=100)
+    expected = naive_window(xq, k, v, p, view.start_pos, window_from, gqa)
+    for got, exp in zip(stats.window, group_stats(view, expected)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)

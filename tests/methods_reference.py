@@ -1,0 +1,194 @@
+"""The registered scoring methods written plainly from their papers, over a full-size buffer plus a keep mask
+(which saves no memory: the reference the packed cache must equal).
+
+Shares no method, budget or statistics code with `adaptive_kv_cache`: attention probabilities are recomputed
+here in float64 from the queries and the held keys, and each head's kept set is decided in plain Python with
+sorted() on (key, position) tuples. Only the retrieval heads of RazorAttention (found by the model probe) come
+from the method under test; everything Razor does with them is recomputed.
+"""
+
+import math
+
+import torch
+
+from llama.attention import EMPTY_POS, KVGroup, PackedView
+from llama.kv_cache import KVCache
+
+
+def budget_of(cfg, L):
+    return cfg.budget_tokens if cfg.budget_tokens is not None else max(1, math.floor(cfg.budget * L + 1e-9))
+
+
+def pyramid(cfg, b, L, layer, n_layers):
+    """PyramidKV's linear ramp (kvpress's get_layer_budget with the window inside the budget)."""
+    n = b - min(cfg.window, b)
+    lo, hi = n / cfg.beta, 2 * n - n / cfg.beta
+    if n_layers == 1 or b - n + hi > L:
+        return b
+    return b - n + round(hi - layer * (hi - lo) / (n_layers - 1))
+
+
+def headkv_split(cfg, B):
+    """HeadKV's per-head budgets, by the definition: floor(alpha B) each, the rest of layers x heads x B shared in
+    proportion to the scores (largest remainders get the leftover tokens, ties to the earlier head)."""
+    import json
+
+    scores = json.loads(open(cfg.head_scores).read())["scores"]
+    flat = [max(0.0, x) for row in scores for x in row]
+    total = sum(flat)
+    share = [x / total for x in flat] if total > 0 else [1 / len(flat)] * len(flat)
+    floor = math.floor(cfg.alpha * B)
+    pool = (B - floor) * len(flat)
+    raw = [pool * x for x in share]
+    out = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: pool - sum(out)]:
+        out[i] += 1
+    n_kv = len(scores[0])
+    return [[floor + out[l * n_kv + h] for h in range(n_kv)] for l in range(len(scores))]
+
+
+class MaskedMethodCache(KVCache):
+    def __init__(self, cfg, n_layers, prompt_tokens, max_len, retrieval=None):
+        self.cfg, self.n_layers, self.max_len = cfg, n_layers, max_len
+        self.method = cfg.method
+        self.prompt_lens = [len(p) for p in prompt_tokens]
+        self.retrieval = retrieval  # razor: (n_layers, n_kv) bool
+        self.layers = [None] * n_layers
+        self.pending = [True] * len(prompt_tokens)
+        self.since = 0
+        self.length = 0
+
+    def begin(self, tokens, start_pos):
+        self.start, self.stop = start_pos, start_pos + tokens.shape[1]
+        self.finishing = [p and n <= self.stop for p, n in zip(self.pending, self.prompt_lens)]
+        decoding = any(self.finishing) or not all(self.pending)
+        self.evict = any(self.finishing) or (decoding and self.since + 1 >= self.cfg.evict_every)
+
+    def append(self, layer_id, start_pos, xk, xv):
+        bsz, seqlen, n_kv, hd = xk.shape
+        if self.layers[layer_id] is None:
+            z = lambda dtype: torch.zeros(bsz, n_kv, self.max_len, dtype=dtype)  # noqa: E731
+            self.layers[layer_id] = {"k": xk.new_zeros(bsz, n_kv, self.max_len, hd),
+                                     "v": xk.new_zeros(bsz, n_kv, self.max_len, hd), "keep": z(torch.bool),
+                                     "acc": z(torch.float64), "window": z(torch.float64), "last": z(torch.float64),
+                                     "merged": z(torch.float64)}
+        st = self.layers[layer_id]
+        st["k"][:, :, start_pos:self.stop] = xk.transpose(1, 2)
+        st["v"][:, :, start_pos:self.stop] = xv.transpose(1, 2)
+        st["keep"][:, :, start_pos:self.stop] = True
+        keep = st["keep"][:, :, : self.stop].reshape(bsz * n_kv, self.stop)
+        pos = torch.where(keep, torch.arange(self.stop, dtype=torch.int32), EMPTY_POS)
+        bias = torch.zeros(pos.shape).masked_fill_(~keep, float("-inf"))
+        group = KVGroup(st["k"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd),
+                        st["v"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd), pos,
+                        torch.arange(bsz * n_kv), (0, bsz * n_kv), bias)
+        return PackedView([group], start_pos, n_kv)
+
+    def end(self):
+        self.length = self.stop
+        self.pending = [p and not f for p, f in zip(self.pending, self.finishing)]
+        self.since = 0 if self.evict else self.since + 1
+
+    # --- statistics by the definition ---------------------------------------------------------------------
+
+    def after_attention(self, layer_id, xq, view, stats):
+        st = self.layers[layer_id]
+        bsz, seqlen, n_heads, hd = xq.shape
+        n_kv = st["k"].shape[1]
+        n_rep, end = n_heads // n_kv, self.stop
+        for b in range(bsz):
+            for h in range(n_kv):
+                held = st["keep"][b, h, :end]
+                q = xq[b, :, h * n_rep : (h + 1) * n_rep].double().transpose(0, 1)
+                s = q @ st["k"][b, h, :end].double().T / math.sqrt(hd)
+                visible = held[None, :] & (torch.arange(end)[None, :] <= torch.arange(self.start, end)[:, None])
+                p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
+                agg = p.mean(0) if self.cfg.gqa == "mean" else p.amax(0)  # (seqlen, end)
+                st["acc"][b, h, :end] += agg.sum(0)
+                st["last"][b, h, :end] = agg[-1]
+                if self.method in ("snapkv", "pyramidkv") and self.pending[b]:
+                    first = self.prompt_lens[b] - self.cfg.window
+                    rows = [i for i in range(seqlen) if self.start + i >= first]
+                    if rows:
+                        st["window"][b, h, :end] += agg[rows].sum(0)
+        active = [f or (not p and self.cfg.decode) for f, p in zip(self.finishing, self.pending)]
+        if self.evict:
+            budgets = [budget_of(self.cfg, L) for L in self.prompt_lens]
+            if self.method == "pyramidkv":
+                budgets = [pyramid(self.cfg, x, L, layer_id, self.n_layers) for x, L in zip(budgets, self.prompt_lens)]
+            for b in range(bsz):
+                if active[b]:
+                    self.evict_sequence(layer_id, b, budgets[b], n_kv)
+
+    # --- each method's keep rule -------------------------------------------------------------------------------
+
+    def ranked(self, layer_id, b, h, n, L, B):
+        """The held positions of one head, best first, as the method ranks them."""
+        st, cfg = self.layers[layer_id], self.cfg
+        held = st["keep"][b, h, :n].nonzero().flatten().tolist()
+        if self.method == "streaming_llm":
+            key = lambda j: (0, j) if j < cfg.sinks else (1, -j)  # noqa: E731
+        elif self.method == "h2o":
+            R = math.ceil(cfg.recent * B - 1e-9)
+            acc = st["acc"][b, h]
+            score = lambda j: float(acc[j]) / (max(1, n - j) if cfg.normalize else 1)  # noqa: E731
+            key = lambda j: (0, -j) if j >= n - R else (1, -score(j), j)  # noqa: E731
+        elif self.method == "tova":
+            key = lambda j: (1, -float(st["last"][b, h, j]), j)  # noqa: E731
+        else:  # snapkv, pyramidkv
+            W, k = cfg.window, cfg.kernel
+            x = st["window"][b, h]
+            def pooled(j):
+                near = [x[i] for i in range(j - k // 2, j + k // 2 + 1) if 0 <= i < L - W]
+                return float(sum(near)) / k if cfg.pooling == "avg" else float(max(near + [0.0]))
+            key = lambda j: (0, -j) if j >= L - W else (1, -pooled(j), j)  # noqa: E731
+        return sorted(held, key=key), key
+
+    def evict_sequence(self, layer_id, b, B, n_kv):
+        st, n, L = self.layers[layer_id], self.stop, self.prompt_lens[b]
+        if self.method == "razor":
+            for h in range(n_kv):
+                if not bool(self.retrieval[layer_id, h]):
+                    self.razor(st, b, h, n, B)
+            return
+        if self.cfg.budgets == "adakv":
+            floor = math.floor(self.cfg.alpha * B)
+            chosen, pool = [], []
+            for h in range(n_kv):
+                order, key = self.ranked(layer_id, b, h, n, L, B)
+                chosen += [(h, j) for j in order[:floor]]
+                pool += [(key(j), j, h) for j in order[floor:]]
+            chosen += [(h, j) for _, j, h in sorted(pool)[: n_kv * (B - floor)]]
+            for h in range(n_kv):
+                st["keep"][b, h] = False
+            for h, j in chosen:
+                st["keep"][b, h, j] = True
+            return
+        for h in range(n_kv):
+            Bh = headkv_split(self.cfg, B)[layer_id][h] if self.cfg.budgets == "headkv" else B
+            order, _ = self.ranked(layer_id, b, h, n, L, B)  # H2O's recent window: the unsplit budget
+            st["keep"][b, h] = False
+            st["keep"][b, h, order[:Bh]] = True
+
+    def razor(self, st, b, h, n, B):
+        """Sinks + the newest tokens + one slot holding the mean of every token dropped so far."""
+        held = st["keep"][b, h, :n].nonzero().flatten().tolist()
+        if len(held) <= B:
+            return
+        comp = [j for j in held if st["merged"][b, h, j] > 0]
+        ordinary = [j for j in held if j not in comp]
+        order = sorted(ordinary, key=lambda j: (0, j) if j < self.cfg.sinks else (1, -j))
+        kept, dropped = order[: B - 1], order[B - 1 :]
+        slot = comp[0] if comp else min(dropped)
+        m = float(st["merged"][b, h, slot])
+        for name in ("k", "v"):
+            total = st[name][b, h, slot].double() * m + sum(st[name][b, h, j].double() for j in dropped)
+            st[name][b, h, slot] = (total / (m + len(dropped))).to(st[name].dtype)
+        st["merged"][b, h, slot] = m + len(dropped)
+        st["keep"][b, h] = False
+        st["keep"][b, h, kept + [slot]] = True
+
+    def kept_positions(self, layer_id):
+        keep = self.layers[layer_id]["keep"]
+        return [[keep[b, h].nonzero().flatten().tolist() for h in range(keep.shape[1])]
+                for b in range(keep.shape[0])]

@@ -1,0 +1,402 @@
+"""Every registered method (FastGen has its own file): budgets kept exactly with the bytes to show for it, a
+budget of 100% equal to the dense cache, the packed store equal to a masked reference written from the papers,
+a batch of two equal to each alone, GQA compressed per KV head; the registry's configs and errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
+from adaptive_kv_cache.registry import CONFIG_DIR, METHODS, defaults, load_method_config, method_class
+from llama import Llama
+from llama.attention import EMPTY_POS
+from methods_reference import MaskedMethodCache, budget_of, headkv_split, pyramid
+
+NAMES = [m for m in METHODS if m != "fastgen"]
+#: Small windows and sinks so that a ~100-token prompt leaves something to rank (the defaults suit 2k prompts).
+TEST_OPTIONS = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 8}, "pyramidkv": {"window": 8, "beta": 4},
+                "adakv": {"window": 8}, "headkv": {"window": 8}, "razor": {"retrieval": 0.25, "sinks": 2}}
+#: The registry's methods, and AdaKV around a second scorer (the wrapper composes with any).
+SETTINGS = [(m, {}) for m in NAMES] + [("adakv", {"scorer": "h2o"})]
+IDS = [m if not o else f"{m}-{o['scorer']}" for m, o in SETTINGS]
+
+
+@pytest.fixture(params=["tiny_llama", "stories_llama"])
+def llama(request):
+    return request.getfixturevalue(request.param)
+
+
+STORIES = ""
+SCORES_DIR = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stories(shared_dir, tmp_path_factory):
+    global STORIES, SCORES_DIR
+    STORIES = (shared_dir / "data" / "tinystories_valid.txt").read_text()
+    SCORES_DIR = tmp_path_factory.mktemp("head_scores")
+
+
+def head_scores_file(llama, uniform: bool = False) -> str:
+    """HeadKV scores for this model's shape (random but fixed, or all 0: uniform budgets), as a JSON file."""
+    p = llama.model.params
+    g = torch.Generator().manual_seed(p.n_layers * 10 + p.n_kv_heads)
+    scores = torch.zeros(p.n_layers, p.n_kv_heads) if uniform else torch.rand(p.n_layers, p.n_kv_heads, generator=g)
+    path = SCORES_DIR / f"{p.n_layers}x{p.n_kv_heads}{'-uniform' if uniform else ''}.json"
+    path.write_text(json.dumps({"scores": scores.tolist()}))
+    return str(path)
+
+
+def story_tokens(llama, n: int, offset: int = 0):
+    return [llama.tokenizer.bos_id] + llama.tokenizer.encode(STORIES, bos=False, eos=False)[offset : offset + n - 1]
+
+
+def config(name, **over):
+    opts = dict(TEST_OPTIONS.get(name, {}))
+    if over.get("scorer") == "h2o":
+        opts.pop("window", None)
+    return load_method_config({"method": name, **opts, **over})
+
+
+def compressed(llama, cfg, uniform_scores: bool = False) -> Llama:
+    """A generator around the shared model with this config (HeadKV gets scores of the model's shape)."""
+    if cfg.budgets == "headkv" and cfg.head_scores is None:
+        cfg = cfg.replace(head_scores=head_scores_file(llama, uniform_scores))
+    return Llama(llama.model, llama.tokenizer, kv_config=cfg)
+
+
+def teacher_force(model, cache, tokens, P):
+    logits = [model.forward(tokens[:, :P], 0, cache)[:, -1]]
+    for pos in range(P, tokens.shape[1]):
+        logits.append(model.forward(tokens[:, pos : pos + 1], pos, cache)[:, -1])
+    return torch.stack(logits, 1)
+
+
+def kept_positions(cache, layer_id):
+    st = cache.stores[layer_id]
+    out = [st.slot_positions(i) for i in range(st.n_seg)]
+    return [out[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(cache.bsz)]
+
+
+# --- packed == masked reference -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_packed_equals_masked_reference(llama, name, over, k):
+    """Logits and each KV head's kept positions equal a full-size buffer + mask written from the papers, for a
+    batch of two whose prompts end at different steps, evicting every token and every 4 tokens."""
+    p1, p2 = story_tokens(llama, 120), story_tokens(llama, 90, offset=300)
+    tokens = torch.tensor([p1, p2 + story_tokens(llama, 30, offset=600)])
+    prompts = [p1[:100], p2]
+    g = compressed(llama, config(name, evict_every=k, **over))
+    cfg = g.kv_config
+    packed = g.new_cache(prompts, 120)
+    a = teacher_force(llama.model, packed, tokens, 90)
+    retrieval = packed.method.retrieval.cpu() if name == "razor" else None
+    ref = MaskedMethodCache(cfg, llama.model.params.n_layers, prompts, 128, retrieval=retrieval)
+    b = teacher_force(llama.model, ref, tokens, 90)
+    for layer_id in range(llama.model.params.n_layers):
+        assert kept_positions(packed, layer_id) == ref.kept_positions(layer_id), f"layer {layer_id}"
+    torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-5)
+    total = packed.memory_stats()["total"]
+    assert total["kept_bytes"] < 0.75 * total["raw_bytes"]  # the comparison has teeth: half the prompt went
+
+
+# --- budgets kept exactly, with the bytes to show for it -------------------------------------------------------------
+
+
+def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
+    """Per sequence, per KV head, the tokens a segment holds right after an eviction at n positions."""
+    out = []
+    for b, Lb in enumerate(L):
+        B = budget_of(cfg, Lb)
+        if cfg.method == "pyramidkv":
+            B = pyramid(cfg, B, Lb, layer_id, cache.n_layers)
+        grown = n - Lb if not cfg.decode else 0  # prefill-only methods append every generated token
+        if cfg.method == "razor":
+            full = cache.method.retrieval[layer_id].tolist()
+            out.append([n if f else min(B, n) for f in full])
+        elif cfg.budgets == "headkv":
+            out.append([min(x, Lb) + grown for x in headkv_split(cfg, B)[layer_id]])
+        else:
+            out.append([min(B, Lb) + grown] * n_kv)
+    return out
+
+
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
+    llama = stories_llama
+    k = 4
+    prompts = [story_tokens(llama, 150), story_tokens(llama, 110, offset=400)]
+    tokens = torch.tensor([prompts[0] + story_tokens(llama, 20, offset=900),
+                           prompts[1] + story_tokens(llama, 60, offset=900)])
+    for budget in ({"budget": 0.3}, {"budget_tokens": 40}):
+        g = compressed(llama, config(name, evict_every=k, **budget, **over))
+        cfg = g.kv_config
+        cache = g.new_cache(prompts, 170)
+        llama.model.forward(tokens[:, :110], 0, cache)
+        checked = 0
+        for pos in range(110, 170):
+            llama.model.forward(tokens[:, pos : pos + 1], pos, cache)
+            if pos + 1 < 150 or cache.steps_since_compaction != 0:
+                continue  # the long prompt still pending, or no eviction in this pass
+            checked += 1
+            stats = cache.memory_stats()
+            for layer_id, (store, layer) in enumerate(zip(cache.stores, stats["layers"])):
+                lengths = [store.lengths[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(2)]
+                if cfg.budgets == "adakv":  # per sequence n_kv x budget in all, each head at least its floor
+                    for b, row in enumerate(lengths):
+                        B = budget_of(cfg, len(prompts[b]))
+                        grown = 0 if cfg.decode else pos + 1 - len(prompts[b])
+                        assert sum(row) == cache.n_kv_heads * (B + grown)
+                        assert min(row) >= math.floor(cfg.alpha * B) + grown
+                else:
+                    assert lengths == expected_lengths(cfg, cache, layer_id, pos + 1, [len(p) for p in prompts],
+                                                       cache.n_kv_heads), f"layer {layer_id} at {pos + 1}"
+                k_buf = store.buf["k"]
+                row = 2 * k_buf.shape[1] * k_buf.element_size()
+                assert layer["kept_tokens"] == sum(store.lengths) and layer["kept_bytes"] == layer["kept_tokens"] * row
+                assert layer["allocated_bytes"] == (k_buf.numel() + store.buf["v"].numel()) * k_buf.element_size()
+                padding = sum(int((p == EMPTY_POS).sum()) for p in store.field("pos"))
+                headroom = sum(g.n * (g.cap - g.width) for g in store.groups)
+                assert layer["slack_bytes"] == (padding + headroom) * row
+                assert all(g.cap - g.width <= store.free_limit(g.width, k) for g in store.groups)
+        assert checked >= 4
+
+
+# --- 100% == dense, batch == alone, GQA --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [{"budget": 1.0, "decode": False}, {"budget_tokens": 512}],
+                         ids=["ratio_prefill_only", "tokens"])
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_full_budget_equals_dense_token_for_token(llama, name, over, budget):
+    prompt = story_tokens(llama, 120)
+    dense, _ = llama.generate([prompt], 30, temperature=0)
+    if name == "razor":
+        budget = {**budget, "retrieval": 0.0}
+    g = compressed(llama, config(name, **over, **budget), uniform_scores=True)  # headkv: the uniform split
+    out, _ = g.generate([prompt], 30, temperature=0)
+    assert out == dense
+    total = g.kv_stats["total"]
+    assert total["kept_tokens"] == total["segments"] * g.kv_stats["tokens"]
+
+
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_batch_of_two_equals_each_alone(llama, name, over):
+    p1, p2 = story_tokens(llama, 110), story_tokens(llama, 70, offset=500)
+    g = compressed(llama, config(name, evict_every=4, **over))
+    batch, _ = g.generate([p1, p2], 30, temperature=0)
+    alone = [g.generate([p], 30, temperature=0)[0][0] for p in (p1, p2)]
+    assert batch == alone
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "adakv"])
+def test_gqa_compresses_each_kv_head_on_its_own(tiny_llama, name):
+    """4 query heads share 2 KV heads: the store holds one segment per KV head (never per query head), and the
+    heads keep different sets (the reference test checks which)."""
+    prompt = story_tokens(tiny_llama, 100)
+    cache = compressed(tiny_llama, config(name)).new_cache([prompt], 100)
+    tiny_llama.model.forward(torch.tensor([prompt]), 0, cache)
+    params = tiny_llama.model.params
+    assert params.n_heads == 2 * params.n_kv_heads
+    differ = 0
+    for layer_id in range(params.n_layers):
+        assert cache.stores[layer_id].n_seg == params.n_kv_heads
+        heads = kept_positions(cache, layer_id)[0]
+        differ += heads[0] != heads[1]
+    assert differ > 0
+
+
+def test_razor_probe_finds_the_heads_a_plain_computation_finds(tiny_llama):
+    """The echo + induction score of every KV head equals a direct computation: the model's attention maps on a
+    random sequence repeated twice, from hooks-free re-implementation of the layer's query/key projections."""
+    from adaptive_kv_cache.methods.razor import probe_head_scores
+
+    cfg = config("razor", probe_tokens=12, seed=3)
+    model = tiny_llama.model
+    scores = probe_head_scores(model, cfg, model.params.vocab_size, "cpu")
+    g = torch.Generator().manual_seed(3)
+    r = torch.randint(3, model.params.vocab_size, (12,), generator=g)
+    tokens = torch.cat([r, r])[None]
+    # the dense cache holds every layer's rotated keys; the queries are recomputed from the same inputs
+    from llama.kv_cache import DenseKVCache
+
+    maps = []
+
+    class Maps(DenseKVCache):
+        def after_attention(self, layer_id, xq, view, stats):
+            q = xq[0].double().transpose(0, 1)  # (heads, T, hd)
+            k = view.keys[0].double().repeat_interleave(xq.shape[2] // view.keys.shape[1], 0)
+            s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+            T = s.shape[-1]
+            maps.append(torch.softmax(s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), -1))
+
+    model.forward(tokens, 0, Maps(model.params.n_layers, 64))
+    for layer_id, p in enumerate(maps):
+        n_kv = model.params.n_kv_heads
+        p = p.view(n_kv, -1, 24, 24).mean(1)
+        expected = [sum(float(p[h, t, t - 12] + p[h, t, t - 11]) for t in range(12, 24)) / 12 for h in range(n_kv)]
+        assert scores[layer_id].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_json_is_the_methods_defaults(name):
+    d = defaults(name)
+    assert d["method"] == name
+    cfg = load_method_config({"method": name})
+    if name in ("adakv", "headkv"):
+        assert cfg.budgets == name and cfg.method == d["scorer"] and cfg.alpha == d["alpha"]
+        return
+    assert cfg == method_class(name).Config(method=name)  # JSON == dataclass defaults
+    assert cfg.to_dict() == d
+    assert resolve_kv_config(str(CONFIG_DIR / f"{name}.json")) == cfg
+
+
+def test_fastgen_json_equals_the_old_default_and_old_format_maps_to_fastgen():
+    from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH, FastGenConfig
+
+    assert {**json.loads(DEFAULT_CONFIG_PATH.read_text()), "method": "fastgen"} == defaults("fastgen")
+    assert resolve_kv_config({"T": 0.9}) == FastGenConfig(T=0.9)
+    assert resolve_kv_config({"method": "fastgen", "T": 0.9}) == FastGenConfig(T=0.9)
+
+
+def test_budget_as_ratio_or_tokens():
+    assert config("snapkv", budget_tokens=128).budget is None
+    assert config("snapkv", budget_tokens=128).with_overrides({"budget": 0.25}).budget_tokens is None
+    assert budget_of(config("h2o", budget=0.25), 2048) == 512
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"method": "snap"}, ["method='snap'", "registered", "snapkv"]),
+    ({"method": "h2o", "window": 4}, ["unknown key 'window'", "h2o", "recent"]),
+    ({"method": "h2o", "budget": 0.5, "budget_tokens": 10}, ["exactly one", "budget_tokens"]),
+    ({"method": "tova", "budget": 1.5}, ["budget=1.5", "(0, 1]"]),
+    ({"method": "tova", "budget_tokens": 0}, ["budget_tokens=0"]),
+    ({"method": "snapkv", "decode": True}, ["decode=true", "prompt"]),
+    ({"method": "snapkv", "kernel": 4}, ["kernel=4", "odd"]),
+    ({"method": "h2o", "budgets": "triangle"}, ["budgets='triangle'", "adakv"]),
+    ({"method": "adakv", "scorer": "razor"}, ["scorer='razor'", "snapkv"]),
+])
+def test_bad_settings_fail_in_one_line_before_model_work(tmp_path, bad, words):
+    with pytest.raises(KVConfigError) as e:
+        Llama.build(str(tmp_path / "missing"), str(tmp_path / "missing.model"), 64, 1, kv_config=bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("kv config: ")
+    for w in words:
+        assert w in msg
+
+
+def test_cli_flags_pick_a_method_and_its_options(tmp_path):
+    from adaptive_kv_cache.cli import UserError, kv_config_from_flags
+
+    cfg = kv_config_from_flags(method="snapkv", budget=0.3, kv_option=["window=16", "pooling=max"])
+    assert (cfg.method, cfg.budget, cfg.window, cfg.pooling) == ("snapkv", 0.3, 16, "max")
+    cfg = kv_config_from_flags(method="adakv", budget_tokens=64, kv_option=["scorer=tova", "alpha=0.5"])
+    assert (cfg.method, cfg.budgets, cfg.budget_tokens, cfg.alpha) == ("tova", "adakv", 64, 0.5)
+    path = tmp_path / "kv.json"
+    path.write_text(json.dumps({"method": "streaming_llm", "sinks": 8}))
+    cfg = kv_config_from_flags(kv_config=str(path), evict_every=2)
+    assert (cfg.method, cfg.sinks, cfg.evict_every, cfg.budget) == ("streaming_llm", 8, 2, 0.5)
+    assert kv_config_from_flags(T=0.9).T == 0.9  # FastGen's flags as before
+    with pytest.raises(UserError, match="--T is not an option of method h2o"):
+        kv_config_from_flags(method="h2o", T=0.9)
+    with pytest.raises(UserError, match="--budget is not an option of method fastgen"):
+        kv_config_from_flags(budget=0.5)
+    with pytest.raises(UserError, match="contradicts"):
+        kv_config_from_flags(kv_config=str(path), method="h2o")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, name):
+    """The same heatmaps as FastGen's for every method: each layer's pooled prompt attention per KV head, the
+    titles saying what each head keeps."""
+    prompt = story_tokens(tiny_llama, 40)
+    seen = []
+    g = compressed(tiny_llama, config(name, budget=0.5))
+    g.attention_observer = lambda layer, seq, attn, names, recs: seen.append((layer, seq, tuple(attn.shape), names))
+    g.model.forward(torch.tensor([prompt]), 0, g.new_cache([prompt], 40))
+    assert [s[:3] for s in seen] == [(0, 0, (2, 40, 40)), (1, 0, (2, 40, 40))]
+    cfg = g.kv_config
+    for layer, _, _, names in seen:
+        if name == "razor":
+            full = g.kv_method.context.get()[layer].tolist()
+            assert names == [f"{cfg.method}: keeps {40 if f else 20} of 40" for f in full]
+        elif name == "headkv":
+            assert names == [f"{cfg.method}: keeps {min(40, b)} of 40" for b in headkv_split(cfg, 20)[layer]]
+        elif name != "adakv":
+            B = 20 if name != "pyramidkv" else pyramid(cfg, 20, 40, layer, 2)
+            assert names == [f"{cfg.method}: keeps {B} of 40"] * 2
+        else:
+            assert sum(int(n.split()[2]) for n in names) == 40
+
+
+# --- HeadKV ----------------------------------------------------------------------------------------------------------
+
+
+def test_headkv_budgets_split_the_models_budget_by_score():
+    from adaptive_kv_cache.budgets import headkv_budgets
+
+    scores = torch.tensor([[0.0, 1.0], [3.0, 0.0], [0.0, 0.0]])
+    b = headkv_budgets(scores, 10, alpha=0.2)
+    assert int(b.sum()) == 6 * 10 and (b >= 2).all()
+    assert b.tolist() == [[2, 14], [2 + 36, 2], [2, 2]]  # pool 48: 1/4 and 3/4
+    assert headkv_budgets(torch.zeros(2, 3), 7, 0.5).tolist() == [[7, 7, 7], [7, 7, 7]]  # no scores: uniform
+    odd = headkv_budgets(torch.tensor([[1.0, 1.0, 1.0]]), 5, 0.0)
+    assert sorted(odd.flatten().tolist()) == [5, 5, 5] and int(odd.sum()) == 15
+
+
+def test_headkv_keeps_each_heads_scored_budget(tiny_llama, tmp_path):
+    """Scores written next to a checkpoint (as scripts/score_heads.py does) set each head's budget."""
+    from adaptive_kv_cache.budgets import headkv_budgets
+
+    path = tmp_path / "head_scores.json"
+    scores = [[0.5, 0.1], [0.0, 0.4]]
+    path.write_text(json.dumps({"scores": scores}))
+    prompt = story_tokens(tiny_llama, 100)
+    g = compressed(tiny_llama, load_method_config({"method": "headkv", "window": 8, "head_scores": str(path)}))
+    cache = g.new_cache([prompt], 100)
+    tiny_llama.model.forward(torch.tensor([prompt]), 0, cache)
+    expected = headkv_budgets(torch.tensor(scores), 50, 0.2).clamp(max=100).tolist()
+    assert [cache.stores[i].lengths for i in range(2)] == expected
+    with pytest.raises(KVConfigError, match="score_heads.py"):
+        Llama(tiny_llama.model, tiny_llama.tokenizer, kv_config={"method": "headkv"})  # no ckpt_dir scores
+
+
+def test_score_heads_script_writes_scores_next_to_the_checkpoint(dist, tiny_ckpt_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("score_heads", Path(__file__).parents[1] / "scripts" / "score_heads.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--ckpt_dir", str(tiny_ckpt_dir), "--lengths", "64", "--depths", "0.5", "--trials", "2",
+                    "--out", str(tmp_path / "s.json")])
+    d = json.loads(out.read_text())
+    assert d["items"] == 2 and len(d["scores"]) == 2 and all(len(r) == 2 for r in d["scores"])
+    assert all(0 <= x <= 1 for r in d["scores"] for x in r) and sum(map(sum, d["scores"])) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir, name):
+    """Steady-state decode (no prompt ending, no eviction due) issues no host-device synchronisation."""
+    g = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), 256, 1, device="cuda")
+    g = compressed(g, config(name, evict_every=8))
+    tokens = torch.tensor([story_tokens(g, 80)], device="cuda")
+    cache = g.new_cache([tokens[0, :60].tolist()], 80)
+    g.model.forward(tokens[:, :60], 0, cache)
+    for pos in range(60, 62):
+        g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # the prompt's end compacted; decode passes 60 .. 66 do not (k = 8: the next is position 67)
+        for pos in range(62, 67):
+            g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
