@@ -136,6 +136,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
     g.add_argument("--r_f", type=float, default=None, help="frequent-token ratio in (0, 1]")
     g.add_argument("--evict_every", type=int, default=None,
                    help="decode steps between evictions, k >= 1 (1: after every token, as in the paper)")
+    g.add_argument("--kv_quant", choices=("none", "int8", "int4"), default=None,
+                   help="store kept tokens as int8 or int4 codes (adaptive_kv_cache/codecs.py); default: the config's")
     g.add_argument("--compress", dest="compress", action="store_true", default=True, help="compress (default)")
     g.add_argument("--no-compress", "--nocompress", dest="compress", action="store_false",
                    help="run with the uncompressed cache")
@@ -151,17 +153,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
 
 def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = None, r_l: Optional[float] = None,
                          r_f: Optional[float] = None, compress: bool = True,
-                         evict_every: Optional[int] = None) -> Optional[FastGenConfig]:
-    """`--kv_config PATH --T --r_l --r_f --evict_every --compress/--no-compress` -> a validated config (None =
-    uncompressed).
+                         evict_every: Optional[int] = None, kv_quant: Optional[str] = None) -> Optional[FastGenConfig]:
+    """`--kv_config PATH --T --r_l --r_f --evict_every --kv_quant --compress/--no-compress` -> a validated config
+    (None = uncompressed).
 
     Runs before the model is loaded, so a bad setting fails first.
     """
     if not compress:
         return None
     config = load_config(kv_config if kv_config is not None else DEFAULT_CONFIG_PATH)
-    overrides = {k: v for k, v in {"T": T, "r_l": r_l, "r_f": r_f, "evict_every": evict_every}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"T": T, "r_l": r_l, "r_f": r_f, "evict_every": evict_every,
+                                   "kv_quant": kv_quant}.items() if v is not None}
     return config.with_overrides(overrides)
 
 
@@ -181,7 +183,11 @@ def check_common(args) -> Dict:
     Raises:
         UserError, ValueError, FileNotFoundError: with the sentence to show.
     """
-    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every)
+    if not args.compress and args.kv_quant not in (None, "none"):
+        raise UserError(f"--kv_quant {args.kv_quant} quantises the compressed cache; drop --no-compress (use --T 1 "
+                        f"to keep every token)")
+    kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every,
+                                     args.kv_quant)
     ckpt = Path(args.ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no such directory (a native checkpoint holds params.json and "
@@ -453,7 +459,7 @@ def log_model_line(generator, checked: Dict) -> None:
     if rank() != 0:
         return
     kv = generator.kv_config
-    what = (f"FastGen T={kv.T:g} r_l={kv.r_l:g} r_f={kv.r_f:g} evict_every={kv.evict_every}" if kv is not None
-            else "uncompressed KV cache")
+    what = (f"FastGen T={kv.T:g} r_l={kv.r_l:g} r_f={kv.r_f:g} evict_every={kv.evict_every} kv_quant={kv.kv_quant}"
+            if kv is not None else "uncompressed KV cache")
     print(f"running on {generator.device}, {str(generator.dtype).replace('torch.', '')}, "
           f"{checked['threads']} thread(s), {what}", file=sys.stderr)

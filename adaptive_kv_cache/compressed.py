@@ -181,8 +181,8 @@ class CompressedCache(KVCache):
             self.codec.after_append(layer_id, store, k.reshape(n_seg, seqlen, head_dim),
                                     v.reshape(n_seg, seqlen, head_dim), start_pos)
             view = store.view(start_pos, n_kv)
-            for i, g in enumerate(view.groups):
-                g.codes = self.codec.reader(layer_id, store, i)
+            for g, reader in zip(view.groups, self.codec.readers(layer_id, store)):
+                g.codes = reader
             return view
         if store.positional:
             # nothing evicted yet: slot s holds position s in every segment, a dense view for the fast kernels

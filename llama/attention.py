@@ -191,11 +191,13 @@ def dequantised(g: KVGroup) -> Tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def _coded_scores(q: torch.Tensor, g: KVGroup, alpha: float) -> torch.Tensor:
-    """alpha * q . k over a coded group, a chunk of dequantised keys at a time, the key scales folded in after.
+def _coded_scores(q: torch.Tensor, g: KVGroup, alpha: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bias + alpha * q . k over a coded group, a chunk of dequantised keys at a time, the key scales folded in
+    after (few ops: this runs once per group, layer and decode step).
 
     Args:
         q: (n, rows, head_dim) queries of the group's segments.
+        bias: broadcastable to (n, rows, width), in q's dtype, or None.
 
     Returns:
         torch.Tensor: (n, rows, width) in q's dtype.
@@ -205,7 +207,11 @@ def _coded_scores(q: torch.Tensor, g: KVGroup, alpha: float) -> torch.Tensor:
     for lo in range(0, g.width, c.chunk):
         hi = min(g.width, lo + c.chunk)
         torch.bmm(q, c.keys(lo, hi).transpose(1, 2), out=s[:, :, lo:hi])
-    return s.mul_(alpha if c.key_scale is None else (c.key_scale * alpha)[:, None].to(s.dtype))
+    if c.key_scale is None:
+        s = s.mul_(alpha) if alpha != 1.0 else s
+        return s if bias is None else s.add_(bias)
+    ks = c.key_scale[:, None].to(s.dtype)
+    return s.mul_(ks).mul_(alpha) if bias is None else torch.addcmul(bias, s, ks, value=alpha)
 
 
 def _coded_output(p: torch.Tensor, g: KVGroup, dtype: torch.dtype) -> torch.Tensor:
@@ -519,7 +525,7 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
         if g.codes is None:
             s = torch.baddbmm(g.bias[:, None].to(q.dtype), qg, g.keys.transpose(1, 2), alpha=scale)  # (n, n_rep, w)
         else:
-            s = _coded_scores(qg, g, scale).add_(g.bias[:, None].to(q.dtype))
+            s = _coded_scores(qg, g, scale, g.bias[:, None].to(q.dtype))
         p = torch.softmax(s, dim=-1, dtype=torch.float32)
         og = torch.bmm(p.type_as(q), g.values) if g.codes is None else _coded_output(p, g, q.dtype)
         if want is not None:

@@ -70,7 +70,7 @@ def read_back(codec, store):
     """{(seg, pos): (key, value)} dequantised through the codec's readers."""
     out = {}
     for i, (grp, p) in enumerate(zip(store.groups, store.field("pos"))):
-        k, v = dequantised(KVGroup(None, None, p, grp.seg, None, None, codec.reader(0, store, i)))
+        k, v = dequantised(KVGroup(None, None, p, grp.seg, None, None, codec.readers(0, store)[i]))
         for r, s in enumerate(grp.members):
             for c, pos in enumerate(p[r].tolist()):
                 if pos != EMPTY_POS:
@@ -123,8 +123,8 @@ def test_int4_window_moves_and_blocks_quantise_as_they_leave_it():
 
 def coded_view(codec, store, start_pos, n_kv):
     view = store.view(start_pos, n_kv)
-    for i, grp in enumerate(view.groups):
-        grp.codes = codec.reader(0, store, i)
+    for grp, reader in zip(view.groups, codec.readers(0, store)):
+        grp.codes = reader
     return view
 
 
