@@ -238,8 +238,8 @@ class Int4(Codec):
     full-precision window of at least the `residual` most recent tokens.
 
     Per layer state: `r0` (positions < r0 are quantised; a multiple of `group`), the window `rk`, `rv`
-    ((n_seg, cap, head_dim) in the model's dtype, row t = position r0 + t) and the key tables `kstep`, `klo`
-    ((n_seg, blocks, head_dim) float32, row j = positions [j G, (j + 1) G)).
+    ((n_seg, cap, head_dim) in the model's dtype, row t = position r0 + t) and the key table `kp`
+    ((n_seg, blocks, 2, head_dim) float32: step and minimum per channel; row j = positions [j G, (j + 1) G)).
     """
 
     name = "int4"
@@ -282,8 +282,7 @@ class Int4(Codec):
             "r0": 0, "dtype": dtype,
             "rk": torch.zeros(n_seg, cap, head_dim, dtype=dtype, device=device),
             "rv": torch.zeros(n_seg, cap, head_dim, dtype=dtype, device=device),
-            "kstep": torch.zeros(n_seg, 0, head_dim, device=device), "klo": torch.zeros(n_seg, 0, head_dim,
-                                                                                       device=device)}
+            "kp": torch.zeros(n_seg, 0, 2, head_dim, device=device)}
         self._install(store, head_dim)
         self._quantise(st, store, k, v, 0, r0)
         st["r0"] = r0
@@ -350,8 +349,7 @@ class Int4(Codec):
             empty = torch.isinf(kmin)  # a block of which the segment holds no token
             kmin, kmax = kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
             kstep = minmax_step(kmin, kmax)
-            st["klo"][g.seg, j0 : j0 + nb] = kmin
-            st["kstep"][g.seg, j0 : j0 + nb] = kstep
+            st["kp"][g.seg, j0 : j0 + nb] = torch.stack((kstep, kmin), 2)
             kq = pack_nibbles(quantise_uint4(kf, torch.gather(kmin, 1, blk), torch.gather(kstep, 1, blk)))
             vf = vg.float()
             vlo, vstep = vf.amin(-1), minmax_step(vf.amin(-1), vf.amax(-1))
@@ -362,12 +360,12 @@ class Int4(Codec):
 
     @staticmethod
     def _grow_tables(st: Dict, blocks: int) -> None:
-        for name in ("kstep", "klo"):
-            t = st[name]
-            if t.shape[1] < blocks:
-                grown = t.new_zeros(t.shape[0], max(blocks, 2 * t.shape[1]), t.shape[2])
-                grown[:, : t.shape[1]] = t
-                st[name] = grown
+        t = st["kp"]
+        if t.shape[1] < blocks:
+            # grow by 1/16: the table is copied every ~L/16 positions and never holds more than L/16 spare rows
+            grown = t.new_zeros(t.shape[0], max(blocks, t.shape[1] + t.shape[1] // 16 + 1), *t.shape[2:])
+            grown[:, : t.shape[1]] = t
+            st["kp"] = grown
 
     def readers(self, layer_id: int, store) -> List:
         return [_Int4Reader(self, self.state[layer_id], store, i) for i in range(len(store.groups))]
@@ -378,7 +376,7 @@ class Int4(Codec):
         st = self.state.get(layer_id)
         if st is None:
             return 0, 0
-        return (sum(_nbytes(st[n]) for n in ("kstep", "klo")), sum(_nbytes(st[n]) for n in ("rk", "rv")))
+        return _nbytes(st["kp"]), sum(_nbytes(st[n]) for n in ("rk", "rv"))
 
     def side_used_bytes(self, layer_id: int, length: int) -> int:
         st = self.state.get(layer_id)
@@ -390,7 +388,11 @@ class Int4(Codec):
 
 
 class _Int4Reader:
-    """One group's keys and values, dequantised a chunk of columns at a time; window slots from full precision."""
+    """One group's keys and values, dequantised a chunk of columns at a time; window slots from full precision.
+
+    Per chunk: one row gather from the key table and one from each window buffer (flat indices), then one
+    multiply-add per tensor; the window is selected with `where` (a data-dependent copy would synchronise).
+    """
 
     key_scale = None
     value_scale = None
@@ -401,31 +403,29 @@ class _Int4Reader:
         self.kq, self.vq = store.field("kq")[i], store.field("vq")[i]
         self.vlo, self.vstep = store.field("vlo")[i], store.field("vstep")[i]
         self.pos = store.field("pos")[i]
-        self.seg = g.seg
+        self.seg = g.seg[:, None]
         self.chunk = codec.chunk_columns(g.n, st["rk"].shape[2])
 
     def _window(self, name: str, pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         r = self.st[name]
-        idx = (pos.long() - self.st["r0"]).clamp(0, r.shape[1] - 1)[..., None].expand(-1, -1, r.shape[2])
-        return torch.where((pos >= self.st["r0"])[..., None], torch.gather(r.index_select(0, self.seg), 1, idx), x)
+        rows = self.seg * r.shape[1] + (pos.long() - self.st["r0"]).clamp(0, r.shape[1] - 1)
+        win = r.view(-1, r.shape[2]).index_select(0, rows.flatten()).view(x.shape)
+        return torch.where((pos >= self.st["r0"])[..., None], win, x)
 
     def keys(self, lo: int, hi: int) -> torch.Tensor:
-        pos = self.pos[:, lo:hi]
-        st = self.st
-        blk = (pos.long() // self.codec.group).clamp_(0, max(0, st["klo"].shape[1] - 1))
-        blk = blk[..., None].expand(-1, -1, st["rk"].shape[2])
+        pos, st = self.pos[:, lo:hi], self.st
         codes = unpack_nibbles(self.kq[:, lo:hi]).float()
-        if st["klo"].shape[1]:
-            k = torch.gather(st["kstep"].index_select(0, self.seg), 1, blk) * codes + torch.gather(
-                st["klo"].index_select(0, self.seg), 1, blk)
-        else:
-            k = codes
-        return self._window("rk", pos, k.to(st["dtype"]))
+        kp = st["kp"]
+        if kp.shape[1]:
+            rows = self.seg * kp.shape[1] + (pos.long() // self.codec.group).clamp_(0, kp.shape[1] - 1)
+            p = kp.view(-1, 2, kp.shape[3]).index_select(0, rows.flatten()).view(*codes.shape[:2], 2, -1)
+            codes = torch.addcmul(p[:, :, 1], codes, p[:, :, 0])
+        return self._window("rk", pos, codes.to(st["dtype"]))
 
     def values(self, lo: int, hi: int) -> torch.Tensor:
         pos = self.pos[:, lo:hi]
         codes = unpack_nibbles(self.vq[:, lo:hi]).float()
-        v = codes * self.vstep[:, lo:hi, None] + self.vlo[:, lo:hi, None]
+        v = torch.addcmul(self.vlo[:, lo:hi, None], codes, self.vstep[:, lo:hi, None])
         return self._window("rv", pos, v.to(self.st["dtype"]))
 
 

@@ -199,10 +199,10 @@ def test_allocated_bytes_equal_the_formula_and_the_buffers(tiny_llama, codec_nam
             side = []
         else:
             st = codec.state[layer_id]
-            blocks, window = st["klo"].shape[1], st["rk"].shape[1]
+            blocks, window = st["kp"].shape[1], st["rk"].shape[1]
             codes, scales = slots * 2 * (hd // 2), slots * 2 * 4 + 2 * n_seg * blocks * hd * 4
             residual = 2 * n_seg * window * hd * 4
-            side = [st[n] for n in ("klo", "kstep", "rk", "rv")]
+            side = [st[n] for n in ("kp", "rk", "rv")]
         assert (layer["codes_bytes"], layer["scales_bytes"], layer["residual_bytes"]) == (codes, scales, residual)
         assert layer["allocated_bytes"] == codes + scales + residual
         physical = sum(t.numel() * t.element_size() for t in side) + sum(
