@@ -231,12 +231,12 @@ class CompressedCache(KVCache):
     def _raw_bytes(self, store: PackedStore, element_size: Optional[int] = None) -> int:
         """What an uncompressed cache of the same tokens allocates: every segment holds every position (in the
         model's dtype, or `element_size` bytes per number)."""
-        el = element_size or torch.empty((), dtype=self.kv_dtype).element_size()
+        el = element_size or self.kv_dtype.itemsize
         return 2 * store.n_seg * self.length * self.head_dim * el
 
     def _bytes(self, layer_id: int) -> Dict[str, int]:
-        el = torch.empty((), dtype=self.kv_dtype).element_size()
-        return self.codec.nbytes(layer_id, self.stores[layer_id], self.length, self.head_dim, el)
+        return self.codec.nbytes(layer_id, self.stores[layer_id], self.length, self.head_dim,
+                                 self.kv_dtype.itemsize)
 
     def _allocated(self, layer_id: int) -> int:
         b = self._bytes(layer_id)

@@ -262,3 +262,32 @@ def test_unknown_kv_quant_is_rejected_with_the_choices():
         FastGenConfig(kv_quant="int3")
     with pytest.raises(ValueError, match="choose one of: none, int8, int4"):
         make_codec("fp8")
+
+
+def test_kv_quant_flag_reaches_the_config_and_needs_compression():
+    from adaptive_kv_cache.cli import ArgumentParser, UserError, add_common_arguments, check_common, \
+        kv_config_from_flags
+
+    assert kv_config_from_flags(kv_quant="int4").kv_quant == "int4"
+    assert kv_config_from_flags().kv_quant == "none"
+    parser = ArgumentParser()
+    add_common_arguments(parser, ckpt_dir="unused", max_gen_len=8)
+    with pytest.raises(UserError, match="--kv_quant int8 quantises the compressed cache; drop --no-compress"):
+        check_common(parser.parse_args(["--kv_quant", "int8", "--no-compress"]))
+    with pytest.raises(UserError, match="invalid choice: 'int2'"):
+        parser.parse_args(["--kv_quant", "int2"])
+
+
+def test_the_log_shows_codes_scales_window_and_the_16_bit_saving(tiny_llama):
+    from adaptive_kv_cache.report import memory_table, summary
+
+    cache = run(tiny_llama, CompressionMethod(), Int4(group=8, residual=16), prompts_of(tiny_llama), steps=5)
+    stats = cache.memory_stats()
+    lines = memory_table(stats).splitlines()
+    assert lines[0].endswith("| codes MB | scales MB | residual MB | saved vs 16-bit dense % |")
+    t = stats["total"]
+    alloc = t["codes_bytes"] + t["scales_bytes"] + t["residual_bytes"]
+    assert alloc == t["allocated_bytes"]
+    assert lines[-1].endswith(f"| {100 * (1 - alloc / t['raw16_bytes']):.2f} |")
+    assert (f"Stored as int4 codes: {t['codes_bytes']} B codes + {t['scales_bytes']} B scales + "
+            f"{t['residual_bytes']} B full-precision window = {alloc} B allocated") in summary(stats)
