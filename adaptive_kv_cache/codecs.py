@@ -341,11 +341,10 @@ class Int4(Codec):
             inside = (pos >= lo) & (pos < hi)  # (n, width)
             blk = ((pos.long() - lo) // G).clamp_(0, nb - 1)[..., None].expand(-1, -1, kg.shape[2])
             kf = kg.float()
-            big = torch.tensor(float("inf"), device=kf.device)
             kmin = torch.full((g.n, nb, kg.shape[2]), float("inf"), device=kf.device).scatter_reduce_(
-                1, blk, torch.where(inside[..., None], kf, big), "amin")
+                1, blk, torch.where(inside[..., None], kf, float("inf")), "amin")
             kmax = torch.full_like(kmin, float("-inf")).scatter_reduce_(
-                1, blk, torch.where(inside[..., None], kf, -big), "amax")
+                1, blk, torch.where(inside[..., None], kf, float("-inf")), "amax")
             empty = torch.isinf(kmin)  # a block of which the segment holds no token
             kmin, kmax = kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
             kstep = minmax_step(kmin, kmax)
