@@ -13,6 +13,10 @@ phases every method shares:
   compaction applies the method's keep rule ("then compress"). Between compactions a segment may hold up to
   k - 1 tokens more than its method keeps; k = 1 evicts after every token, as the paper describes.
 
+A codec (`adaptive_kv_cache/codecs.py`) decides how kept tokens are stored: each layer keeps full precision while
+any sequence reads its prompt and is sealed (quantised) right after the compaction of the pass in which the last
+prompt ends, so methods profile on full-precision keys and nothing is quantised that the prompt's end evicts.
+
 Compaction is the only step that reads anything back on the host (the new segment lengths). Decode steps between
 compactions issue no host-device synchronisation.
 """
