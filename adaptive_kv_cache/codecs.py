@@ -151,7 +151,8 @@ def quantise_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     x = x.float()
     scale = torch.linalg.vector_norm(x, float("inf"), dim=-1) / 127
-    codes = torch.round(x / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127)
+    # a zero row divides by the smallest normal float: codes 0, scale 0
+    codes = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
     return codes.to(torch.int8), scale
 
 
@@ -180,15 +181,18 @@ def minmax_step(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 class Int8(Codec):
-    """Per-token symmetric int8 keys and values, one float32 scale each per (token, KV head)."""
+    """Per-token symmetric int8 keys and values, one float32 scale each per (token, KV head).
+
+    Fields: `kvq` (2, head_dim) int8 codes and `kvs` (2,) float32 scales, key then value: one field each, so an
+    append writes two fields, not four.
+    """
 
     name = "int8"
-    code_fields = ("kq", "vq")
-    scale_fields = ("ks", "vs")
+    code_fields = ("kvq",)
+    scale_fields = ("kvs",)
 
     def fields(self, head_dim: int) -> Dict[str, FieldSpec]:
-        return {"kq": (torch.int8, 0, (head_dim,)), "ks": (torch.float32, 0.0, ()),
-                "vq": (torch.int8, 0, (head_dim,)), "vs": (torch.float32, 0.0, ())}
+        return {"kvq": (torch.int8, 0, (2, head_dim)), "kvs": (torch.float32, 0.0, (2,))}
 
     def token_bytes(self, head_dim: int, element_size: int) -> int:
         return 2 * head_dim + 2 * 4
@@ -203,12 +207,13 @@ class Int8(Codec):
         store.drop_field("v")
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> Dict[str, torch.Tensor]:
-        codes, scale = quantise_int8(torch.stack((k, v)))  # one pass for both (a decode step's few ops)
-        return {"kq": codes[0], "ks": scale[0], "vq": codes[1], "vs": scale[1]}
+        codes, scale = quantise_int8(torch.stack((k, v), 1))  # one pass for both (a decode step's few ops)
+        return {"kvq": codes, "kvs": scale}
 
     def readers(self, layer_id: int, store) -> List:
         dtype = self.state[layer_id]["dtype"]
-        return [_Int8Reader(self, *f, dtype) for f in zip(*(store.field(n) for n in ("kq", "vq", "ks", "vs")))]
+        return [_Int8Reader(self, q[:, :, 0], q[:, :, 1], s[:, :, 0], s[:, :, 1], dtype)
+                for q, s in zip(store.field("kvq"), store.field("kvs"))]
 
 
 class _Int8Reader:
