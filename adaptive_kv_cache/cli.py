@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH
+from adaptive_kv_cache.config import DEFAULT_CONFIG_PATH, KV_QUANT
 from adaptive_kv_cache.registry import METHODS, config_dict, describe
 
 METHOD_NAMES = tuple(METHODS)
@@ -152,6 +152,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, ckpt_dir: Optional[str
     g.add_argument("--r_f", type=float, default=None, help="FastGen: frequent-token ratio in (0, 1]")
     g.add_argument("--evict_every", type=int, default=None,
                    help="decode steps between evictions, k >= 1 (1: after every token, as in the paper)")
+    g.add_argument("--kv_quant", choices=KV_QUANT, default=None,
+                   help="store kept tokens as int8 or int4 codes (adaptive_kv_cache/codecs.py); default: the config's")
     g.add_argument("--compress", dest="compress", action="store_true", default=True, help="compress (default)")
     g.add_argument("--no-compress", "--nocompress", dest="compress", action="store_false",
                    help="run with the uncompressed cache")
@@ -180,9 +182,9 @@ def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = N
                          r_f: Optional[float] = None, compress: bool = True, evict_every: Optional[int] = None,
                          method: Optional[str] = None, budget: Optional[float] = None,
                          budget_tokens: Optional[int] = None, budgets: Optional[str] = None,
-                         kv_option: Sequence[str] = ()):
+                         kv_option: Sequence[str] = (), kv_quant: Optional[str] = None):
     """`--kv_config PATH --method NAME --budget --budget_tokens --budgets --kv_option KEY=VALUE --T --r_l --r_f
-    --evict_every --compress/--no-compress` -> a validated config (None = uncompressed).
+    --evict_every --kv_quant --compress/--no-compress` -> a validated config (None = uncompressed).
 
     The config file (default: FastGen's shipped one, or the shipped NAME.json when --method is given) with the
     flags on top. Runs before the model is loaded, so a bad setting fails first.
@@ -211,7 +213,8 @@ def kv_config_from_flags(kv_config: Optional[str] = None, T: Optional[float] = N
         raise UserError(f"--{wrong[0]} is not an option of method {name}; "
                         + ("pick a method with --method" if name == "fastgen" else "FastGen's --T, --r_l and "
                            "--r_f need --method fastgen"))
-    flags = {**fastgen_only, **scored_only, "evict_every": evict_every}
+    # evict_every and kv_quant are options of every method
+    flags = {**fastgen_only, **scored_only, "evict_every": evict_every, "kv_quant": kv_quant}
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(dict(_option(o) for o in kv_option))
     return resolve_with(data, overrides, source=kv_config)
@@ -233,8 +236,12 @@ def check_common(args) -> Dict:
     Raises:
         UserError, ValueError, FileNotFoundError: with the sentence to show.
     """
+    if not args.compress and args.kv_quant not in (None, "none"):
+        raise UserError(f"--kv_quant {args.kv_quant} quantises the compressed cache; drop --no-compress (to keep "
+                        f"every token, use --budget 1, or --T 1 with fastgen)")
     kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every,
-                                     args.method, args.budget, args.budget_tokens, args.budgets, args.kv_option)
+                                     args.method, args.budget, args.budget_tokens, args.budgets, args.kv_option,
+                                     args.kv_quant)
     ckpt = Path(args.ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"--ckpt_dir {args.ckpt_dir}: no such directory (a native checkpoint holds params.json and "

@@ -13,6 +13,10 @@ phases every method shares:
   compaction applies the method's keep rule ("then compress"). Between compactions a segment may hold up to
   k - 1 tokens more than its method keeps; k = 1 evicts after every token, as the paper describes.
 
+A codec (`adaptive_kv_cache/codecs.py`) decides how kept tokens are stored: each layer keeps full precision while
+any sequence reads its prompt and is sealed (quantised) right after the compaction of the pass in which the last
+prompt ends, so methods profile on full-precision keys and nothing is quantised that the prompt's end evicts.
+
 Compaction is the only step that reads anything back on the host (the new segment lengths). Decode steps between
 compactions issue no host-device synchronisation.
 """
@@ -22,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from adaptive_kv_cache.codecs import Codec
 from adaptive_kv_cache.store import PackedStore
 from llama.attention import AttentionStats, DenseView, StatsRequest
 from llama.kv_cache import KVCache
@@ -87,7 +92,8 @@ class CompressedCache(KVCache):
     """KV cache for one generation over a batch of prompts, compressed by `method` on a packed store."""
 
     def __init__(self, method: CompressionMethod, n_layers: int, prompt_tokens: Sequence[Sequence[int]],
-                 max_seq_len: int, evict_every: int = 1, store_options: Optional[Dict] = None):
+                 max_seq_len: int, evict_every: int = 1, store_options: Optional[Dict] = None,
+                 codec: Optional[Codec] = None):
         """
         Args:
             method: the compression method (one instance per generation; it may keep per-layer state).
@@ -97,8 +103,13 @@ class CompressedCache(KVCache):
             max_seq_len: hard limit on positions.
             evict_every: k, passes between compactions once a sequence decodes.
             store_options: keyword arguments of every layer's PackedStore (grouping, free columns).
+            codec: how kept tokens are stored (adaptive_kv_cache/codecs.py; None: full precision). Layers are
+                sealed (quantised) after the compaction of the pass in which the batch's last prompt ends.
         """
         self.method = method
+        self.codec = codec if codec is not None else Codec()
+        self.head_dim = 0
+        self.kv_dtype: Optional[torch.dtype] = None
         self.n_layers = n_layers
         self.prompt_tokens = [list(p) for p in prompt_tokens]
         self.prompt_lens = [len(p) for p in prompt_tokens]
@@ -144,7 +155,8 @@ class CompressedCache(KVCache):
         self.pending = [pend and not fin for pend, fin in zip(self.pending, p.finishing)]
         self.steps_since_compaction = 0 if p.compact else self.steps_since_compaction + 1
         stores = [s for s in self.stores if s is not None and s.allocated]
-        self.peak_allocated = max(self.peak_allocated, sum(s.nbytes(("k", "v")) for s in stores))
+        self.peak_allocated = max(self.peak_allocated, sum(self._allocated(i) for i, s in enumerate(self.stores)
+                                                           if s is not None and s.allocated))
         self.peak_raw = max(self.peak_raw, sum(self._raw_bytes(s) for s in stores))
 
     # --- per layer --------------------------------------------------------------------------------------------
@@ -160,12 +172,22 @@ class CompressedCache(KVCache):
         bsz, seqlen, n_kv, head_dim = xk.shape
         n_seg = bsz * n_kv
         if self.stores[layer_id] is None:
-            self.n_kv_heads = n_kv
+            self.n_kv_heads, self.head_dim, self.kv_dtype = n_kv, head_dim, xk.dtype
             self.stores[layer_id] = PackedStore(n_seg, dict(self.method.slot_fields), **self.store_options)
         store = self.stores[layer_id]
-        values = {"k": xk.transpose(1, 2).reshape(n_seg * seqlen, head_dim),
-                  "v": xv.transpose(1, 2).reshape(n_seg * seqlen, head_dim), **self._slot_values(n_kv, xk.device)}
+        k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, n_kv, seqlen, head_dim)
+        sealed = self.codec.sealed(store) if store.allocated else False
+        rows = (k.reshape(n_seg * seqlen, head_dim), v.reshape(n_seg * seqlen, head_dim))
+        values = {**(self.codec.encode(*rows) if sealed else dict(zip(("k", "v"), rows))),
+                  **self._slot_values(n_kv, xk.device)}
         store.append(values, self.min_free())
+        if sealed:
+            self.codec.after_append(layer_id, store, k.reshape(n_seg, seqlen, head_dim),
+                                    v.reshape(n_seg, seqlen, head_dim), start_pos)
+            view = store.view(start_pos, n_kv)
+            for g, reader in zip(view.groups, self.codec.readers(layer_id, store)):
+                g.codes = reader
+            return view
         if store.positional:
             # nothing evicted yet: slot s holds position s in every segment, a dense view for the fast kernels
             k, v = store.field("k")[0], store.field("v")[0]
@@ -194,9 +216,12 @@ class CompressedCache(KVCache):
         if any(p.finishing):
             seg = torch.tensor(p.finishing, device=xq.device).repeat_interleave(self.n_kv_heads)
             self.method.on_prompt_end(self, layer_id, seg)
+        store = self.stores[layer_id]
         if p.compact:
-            store = self.stores[layer_id]
             store.compact(self.method.keep(self, layer_id), self.min_free())
+        if not self.codec.sealed(store) and all(f or not pend for pend, f in zip(self.pending, p.finishing)):
+            # every prompt has been read and profiled on full precision: quantise what this layer keeps
+            self.codec.seal(layer_id, store, p.end)
 
     # --- what the methods read ----------------------------------------------------------------------------------
 
@@ -207,17 +232,27 @@ class CompressedCache(KVCache):
 
     # --- reporting ----------------------------------------------------------------------------------------------
 
-    def _raw_bytes(self, store: PackedStore) -> int:
-        """What an uncompressed cache of the same tokens allocates: every segment holds every position."""
-        k = store.buf["k"]
-        return 2 * store.n_seg * self.length * k.shape[1] * k.element_size()
+    def _raw_bytes(self, store: PackedStore, element_size: Optional[int] = None) -> int:
+        """What an uncompressed cache of the same tokens allocates: every segment holds every position (in the
+        model's dtype, or `element_size` bytes per number)."""
+        el = element_size or self.kv_dtype.itemsize
+        return 2 * store.n_seg * self.length * self.head_dim * el
+
+    def _bytes(self, layer_id: int) -> Dict[str, int]:
+        return self.codec.nbytes(layer_id, self.stores[layer_id], self.length, self.head_dim,
+                                 self.kv_dtype.itemsize)
+
+    def _allocated(self, layer_id: int) -> int:
+        b = self._bytes(layer_id)
+        return b["codes"] + b["scales"] + b["residual"]
 
     def memory_stats(self) -> Dict:
         """Per-layer and total KV memory of this generation, summed over model-parallel ranks.
 
         Returns:
             dict with `layers` (one dict per layer: raw_bytes, allocated_bytes, kept_bytes, slack_bytes,
-            metadata_bytes, kept_tokens, segments, policies {name: count}), `total` (the same summed),
+            metadata_bytes, kept_tokens, segments, codes_bytes, scales_bytes, residual_bytes, raw16_bytes,
+            policies {name: count}), `total` (the same summed), `kv_quant` (the codec),
             `peak_allocated_bytes`, `peak_raw_bytes`, `tokens` (positions processed), `batch`, `candidates`
             (policy names) and `heads`: per layer, per sequence, per local KV head, (policy, recovery) of this rank.
         """
@@ -225,16 +260,16 @@ class CompressedCache(KVCache):
         rows = []
         for layer_id, st in enumerate(self.stores):
             if st is None or not st.allocated:
-                rows.append([0.0] * (7 + len(names)))
+                rows.append([0.0] * (11 + len(names)))
                 continue
-            kept = sum(st.lengths)
-            k = st.buf["k"]
-            row_bytes = 2 * k.shape[1] * k.element_size()
-            allocated = st.nbytes(("k", "v"))
-            meta = st.nbytes([n for n in st.buf if n not in ("k", "v")])
-            rows.append([self._raw_bytes(st), allocated, kept * row_bytes, allocated - kept * row_bytes, meta,
-                         kept, st.n_seg, *self.method.policy_counts(self, layer_id)])
-        table = torch.tensor(rows + [[self.peak_allocated, self.peak_raw] + [0.0] * (5 + len(names))],
+            b = self._bytes(layer_id)
+            allocated = b["codes"] + b["scales"] + b["residual"]
+            kv_fields = ("k", "v") if not self.codec.sealed(st) else self.codec.code_fields + self.codec.scale_fields
+            meta = st.nbytes([n for n in st.buf if n not in kv_fields])
+            rows.append([self._raw_bytes(st), allocated, b["kept"], allocated - b["kept"], meta, sum(st.lengths),
+                         st.n_seg, b["codes"], b["scales"], b["residual"], self._raw_bytes(st, 2),
+                         *self.method.policy_counts(self, layer_id)])
+        table = torch.tensor(rows + [[self.peak_allocated, self.peak_raw] + [0.0] * (9 + len(names))],
                              dtype=torch.float64)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             from fairscale.nn.model_parallel.initialize import get_model_parallel_group
@@ -245,7 +280,7 @@ class CompressedCache(KVCache):
             torch.distributed.all_reduce(table, group=get_model_parallel_group())
             table = table.cpu()
         keys = ["raw_bytes", "allocated_bytes", "kept_bytes", "slack_bytes", "metadata_bytes", "kept_tokens",
-                "segments"]
+                "segments", "codes_bytes", "scales_bytes", "residual_bytes", "raw16_bytes"]
         layers = []
         for r in table[:-1].tolist():
             d = {k: int(v) for k, v in zip(keys, r)}
@@ -262,5 +297,6 @@ class CompressedCache(KVCache):
             "batch": self.bsz,
             "candidates": names,
             "method": self.method.name,
+            "kv_quant": self.codec.name,
             "heads": [self.method.head_info(self, i) if s is not None else [] for i, s in enumerate(self.stores)],
         }

@@ -42,6 +42,9 @@ DEFAULT_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("full",),
 )
 
+#: Codecs of the kept tokens (adaptive_kv_cache/codecs.py).
+KV_QUANT: tuple[str, ...] = ("none", "int8", "int4")
+
 DEFAULT_SPECIAL_STRINGS: tuple[str, ...] = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 _PREFIX = "kv config"
@@ -124,6 +127,7 @@ class FastGenConfig:
     gqa_aggregation  how query heads sharing a KV head are combined while profiling: mean|max
     evict_every  k: decode steps between evictions; a head may hold up to k - 1 tokens beyond its policy
                  between them (k = 1: evict after every token, as the paper describes)
+    kv_quant     how kept tokens are stored: none | int8 | int4 (adaptive_kv_cache/codecs.py)
     """
 
     T: float = 0.95
@@ -133,6 +137,7 @@ class FastGenConfig:
     special_strings: tuple[str, ...] = DEFAULT_SPECIAL_STRINGS
     gqa_aggregation: str = "mean"
     evict_every: int = 16
+    kv_quant: str = "none"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -191,6 +196,9 @@ class FastGenConfig:
 
         set_("evict_every", _check_int("evict_every", self.evict_every, 1))
 
+        if self.kv_quant not in KV_QUANT:
+            _fail(f"kv_quant={self.kv_quant!r} is not allowed; allowed values: {', '.join(map(repr, KV_QUANT))}")
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -237,6 +245,7 @@ class FastGenConfig:
             "special_strings": list(self.special_strings),
             "gqa_aggregation": self.gqa_aggregation,
             "evict_every": self.evict_every,
+            "kv_quant": self.kv_quant,
         }
 
     @property

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from adaptive_kv_cache.codecs import make_codec
 from adaptive_kv_cache.compressed import CompressedCache, CompressionMethod
 from adaptive_kv_cache.policies import BASIC_ORDER, Local, TokenStats, basic_policies, build_candidates, union_keep
 from adaptive_kv_cache.profiler import profile
@@ -218,6 +219,6 @@ def _clock(x: torch.Tensor) -> float:
 
 def FastGenCache(config, classes: TokenClasses, n_layers: int, prompt_tokens, max_seq_len: int,
                  observer: Optional[Callable] = None) -> CompressedCache:
-    """A compressed cache running FastGen with `config` (evict_every from the config)."""
+    """A compressed cache running FastGen with `config` (evict_every and kv_quant from the config)."""
     return CompressedCache(FastGen(config, classes, observer), n_layers, prompt_tokens, max_seq_len,
-                           evict_every=config.evict_every)
+                           evict_every=config.evict_every, codec=make_codec(config.kv_quant))

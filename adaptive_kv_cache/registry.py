@@ -85,7 +85,8 @@ def config_dict(config) -> dict:
 def describe(config) -> str:
     """One line for logs."""
     if method_name(config) == "fastgen":
-        return f"FastGen T={config.T:g} r_l={config.r_l:g} r_f={config.r_f:g} evict_every={config.evict_every}"
+        return (f"FastGen T={config.T:g} r_l={config.r_l:g} r_f={config.r_f:g} evict_every={config.evict_every} "
+                f"kv_quant={config.kv_quant}")
     return config.describe()
 
 
@@ -100,10 +101,13 @@ class Prepared:
         self.context = self.cls.prepare(config, llama)
 
     def new_cache(self, n_layers: int, prompt_tokens, max_seq_len: int, observer=None):
+        from adaptive_kv_cache.codecs import make_codec
         from adaptive_kv_cache.compressed import CompressedCache
 
         method = self.cls.create(self.config, self.context, observer)
-        return CompressedCache(method, n_layers, prompt_tokens, max_seq_len, evict_every=self.config.evict_every)
+        # the codec is chosen here, the one place a cache is built, so it composes with every method
+        return CompressedCache(method, n_layers, prompt_tokens, max_seq_len, evict_every=self.config.evict_every,
+                               codec=make_codec(getattr(self.config, "kv_quant", "none")))
 
 
 __all__ = ["METHODS", "KVConfigError", "Prepared", "check_name", "config_dict", "defaults", "describe",

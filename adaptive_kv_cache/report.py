@@ -21,21 +21,40 @@ def _pct(part: float, whole: float) -> float:
     return 100.0 * (1.0 - part / whole) if whole else 0.0
 
 
+#: Extra columns of a quantised cache's table: the allocated bytes by kind, and the saving against 16 bits.
+QUANT_COLUMNS = ("codes MB", "scales MB", "residual MB", "saved vs 16-bit dense %")
+
+
+def _quant_cells(layer: Dict) -> List[str]:
+    alloc = layer["codes_bytes"] + layer["scales_bytes"] + layer["residual_bytes"]
+    return [f"{layer['codes_bytes'] / MB:.4f}", f"{layer['scales_bytes'] / MB:.4f}",
+            f"{layer['residual_bytes'] / MB:.4f}", f"{_pct(alloc, layer['raw16_bytes']):.2f}"]
+
+
 def memory_table(stats: Dict) -> str:
     """Markdown table: | layer_id | dense KV MB (same positions) | kept KV MB | saved % |.
 
     dense = an uncompressed cache of the same positions; kept = the bytes of the tokens the cache holds;
     saved % = 100 * (1 - kept / dense). The `total ave` row averages the layers (saved % from the totals).
+    A quantised cache (kv_quant int8 / int4) adds the allocated codes, scales and full-precision window, and the
+    share of a 16-bit dense cache of the same positions that its allocation saves.
     """
-    lines = ["| layer_id | dense KV MB (same positions) | kept KV MB | saved % |", "| --- | --- | --- | --- |"]
+    quant = stats.get("kv_quant", "none") != "none"
+    head = ["layer_id", "dense KV MB (same positions)", "kept KV MB", "saved %", *(QUANT_COLUMNS if quant else ())]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     raws, kepts = [], []
     for i, layer in enumerate(stats["layers"]):
         raw, kept = layer["raw_bytes"], layer["kept_bytes"]
         raws.append(raw), kepts.append(kept)
-        lines.append(f"| {i} | {raw / MB:.4f} | {kept / MB:.4f} | {_pct(kept, raw):.2f} |")
+        cells = [str(i), f"{raw / MB:.4f}", f"{kept / MB:.4f}", f"{_pct(kept, raw):.2f}"]
+        lines.append("| " + " | ".join(cells + (_quant_cells(layer) if quant else [])) + " |")
     n = max(len(raws), 1)
-    lines.append(f"| total ave | {sum(raws) / n / MB:.4f} | {sum(kepts) / n / MB:.4f} | "
-                 f"{_pct(sum(kepts), sum(raws)):.2f} |")
+    cells = ["total ave", f"{sum(raws) / n / MB:.4f}", f"{sum(kepts) / n / MB:.4f}", f"{_pct(sum(kepts), sum(raws)):.2f}"]
+    if quant:
+        t = stats["total"]
+        cells += [f"{t[k] / n / MB:.4f}" for k in ("codes_bytes", "scales_bytes", "residual_bytes")]
+        cells.append(f"{_pct(t['codes_bytes'] + t['scales_bytes'] + t['residual_bytes'], t['raw16_bytes']):.2f}")
+    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -62,13 +81,19 @@ def summary(stats: Dict, compressed: bool = True) -> str:
             f"(prompt + max_gen_len), of which {alloc - raw} B unused because generation stopped at "
             f"{stats['tokens']}."
         )
+    quant = ""
+    if stats.get("kv_quant", "none") != "none":
+        quant = (f"\nStored as {stats['kv_quant']} codes: {t['codes_bytes']} B codes + {t['scales_bytes']} B scales + "
+                 f"{t['residual_bytes']} B full-precision window = {alloc} B allocated, "
+                 f"{_pct(alloc, t['raw16_bytes']):.2f}% saved against a 16-bit dense cache of these positions "
+                 f"({t['raw16_bytes']} B).")
     return (
         f"{head}: a dense cache holds {raw} B for these positions; "
         f"{'FastGen' if stats.get('method', 'fastgen') == 'fastgen' else stats['method']} keeps {kept} B "
         f"({_pct(kept, raw):.2f}% saved).\n"
         f"Allocated: {alloc} B = kept + {t['slack_bytes']} B growth slack ({_pct(alloc, raw):.2f}% saved counting "
         f"it); policy metadata {t['metadata_bytes']} B on top; peak allocated {stats['peak_allocated_bytes']} B "
-        f"against a peak dense {stats['peak_raw_bytes']} B."
+        f"against a peak dense {stats['peak_raw_bytes']} B." + quant
     )
 
 
@@ -89,9 +114,11 @@ def render(stats: Dict, config: Optional[Dict] = None) -> str:
 
 
 def _describe(config: Dict) -> str:
-    """A config dict (its method named, FastGen's when it names none) in one line."""
+    """A config dict (its method named, FastGen's when it names none) in one line; other methods list every
+    option, kv_quant included."""
     if config.get("method", "fastgen") == "fastgen":
-        return f"FastGen T={config['T']:g} r_l={config['r_l']:g} r_f={config['r_f']:g}"
+        return (f"FastGen T={config['T']:g} r_l={config['r_l']:g} r_f={config['r_f']:g}"
+                + (f", {config['kv_quant']} codes" if config.get("kv_quant", "none") != "none" else ""))
     return f"{config['method']} (" + ", ".join(f"{k}={v}" for k, v in config.items()
                                                if k != "method" and v is not None) + ")"
 

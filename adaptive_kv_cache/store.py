@@ -156,9 +156,14 @@ class PackedStore:
         return [b[:, : g.width] for b, g in zip(self._blocks[name], self.groups)]
 
     def view(self, start_pos: int, n_kv_heads: int) -> PackedView:
-        keys, values, pos = self.field("k"), self.field("v"), self.field("pos")
+        """The groups as a PackedView; keys and values are None where a codec replaced them by codes (the cache
+        then attaches each group's reader)."""
+        n = len(self.groups)
+        keys = self.field("k") if "k" in self.buf else [None] * n
+        values = self.field("v") if "v" in self.buf else [None] * n
         return PackedView([KVGroup(k, v, p, g.seg, g.seg_range, b)
-                           for k, v, p, b, g in zip(keys, values, pos, self.field("bias"), self.groups)],
+                           for k, v, p, b, g in zip(keys, values, self.field("pos"), self.field("bias"),
+                                                    self.groups)],
                           start_pos, n_kv_heads)
 
     # --- writes ----------------------------------------------------------------------------------------------
@@ -296,6 +301,14 @@ class PackedStore:
         if self.positional and not (len(plan) == 1 and plan[0] == list(range(self.n_seg))):
             self.positional = False
         self._install(groups, buf, widths, lengths)
+
+    def add_field(self, name: str, dtype: torch.dtype, fill: float, row_shape: Tuple[int, ...] = ()) -> None:
+        """Adds a per-slot field to an allocated store, every slot at `fill` (e.g. codes replacing keys)."""
+        self.spec[name] = (dtype, fill)
+        self._dtype[name], self._row_shape[name] = dtype, tuple(row_shape)
+        rows = self.buf["pos"].shape[0]
+        t = self.buf[name] = torch.full((rows,) + tuple(row_shape), fill, dtype=dtype, device=self.device)
+        self._blocks[name] = [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in self.groups]
 
     def drop_field(self, name: str) -> None:
         """Frees a per-slot field nobody needs any more."""

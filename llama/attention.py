@@ -62,21 +62,32 @@ class KVGroup:
     """Segments of a packed store that share one width: a zero-copy view of the store's buffers.
 
     Attributes:
-        keys: (n, width, head_dim).
-        values: (n, width, head_dim).
+        keys: (n, width, head_dim), or None when the store holds codes (see `codes`).
+        values: (n, width, head_dim), or None likewise.
         pos: (n, width) int32 absolute position of each slot's token; EMPTY_POS marks an empty slot.
         seg: (n,) long segment id (b * n_kv_heads + h) of each row.
         seg_range: (lo, hi) when seg is lo..hi-1 in order (rows are then a slice, not a gather).
         bias: (n, width) float32, 0 for a slot a decoding query may see and -inf for padding (every stored
             token precedes a decode step's query, so this is the whole mask of a decode step); None: use pos.
+        codes: reader of quantised keys and values (adaptive_kv_cache/codecs.py), which the kernels dequantise
+            a chunk of columns at a time, never the whole group: `chunk` (columns per read), `key_scale` and
+            `value_scale` ((n, width) float32 per-slot factors, or None), and `keys(lo, hi)` / `values(lo, hi)`
+            returning (n, hi - lo, head_dim) in the queries' dtype (possibly a reused buffer, valid until the
+            next read) that, times the per-slot scale, are the dequantised rows. The kernels fold the scales
+            into the scores (q . (s c) = s (q . c)) and the probabilities (p (s c) = (p s) c).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
     pos: torch.Tensor
     seg: torch.Tensor
     seg_range: Optional[Tuple[int, int]] = None
     bias: Optional[torch.Tensor] = None
+    codes: Optional[object] = None
+
+    @property
+    def width(self) -> int:
+        return self.pos.shape[1]
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a per-segment tensor (n_seg, ...) that belong to this group, in group order."""
@@ -162,15 +173,72 @@ def _padded(view) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pos = torch.arange(S, dtype=torch.int32, device=view.keys.device).expand(bsz * n_kv, S)
         return view.keys.reshape(bsz * n_kv, S, hd), view.values.reshape(bsz * n_kv, S, hd), pos
     n_seg = sum(g.seg.numel() for g in view.groups)
-    S = max(g.keys.shape[1] for g in view.groups)
-    g0 = view.groups[0]
-    keys = g0.keys.new_zeros(n_seg, S, g0.keys.shape[2])
+    S = max(g.width for g in view.groups)
+    kv = [dequantised(g) for g in view.groups]
+    k0 = kv[0][0]
+    keys = k0.new_zeros(n_seg, S, k0.shape[2])
     values = torch.zeros_like(keys)
     pos = torch.full((n_seg, S), EMPTY_POS, dtype=torch.int32, device=keys.device)
-    for g in view.groups:
-        w = g.keys.shape[1]
-        keys[g.seg, :w], values[g.seg, :w], pos[g.seg, :w] = g.keys, g.values, g.pos
+    for g, (k, v) in zip(view.groups, kv):
+        keys[g.seg, : g.width], values[g.seg, : g.width], pos[g.seg, : g.width] = k, v, g.pos
     return keys, values, pos
+
+
+def dequantised(g: KVGroup) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A group's keys and values, (n, width, head_dim) each, dequantised in full when stored as codes (the
+    reference and tests; the kernels read codes a chunk at a time)."""
+    if g.codes is None:
+        return g.keys, g.values
+    c = g.codes
+    out = []
+    for read, scale in ((c.keys, c.key_scale), (c.values, c.value_scale)):
+        t = torch.cat([read(lo, min(g.width, lo + c.chunk)).clone() for lo in range(0, g.width, c.chunk)], 1)
+        out.append(t if scale is None else t * scale[..., None].to(t.dtype))
+    return out[0], out[1]
+
+
+def _coded_scores(q: torch.Tensor, g: KVGroup, alpha: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bias + alpha * q . k over a coded group, a chunk of dequantised keys at a time, the key scales folded in
+    after (few ops: this runs once per group, layer and decode step).
+
+    Args:
+        q: (n, rows, head_dim) queries of the group's segments.
+        bias: broadcastable to (n, rows, width), in q's dtype, or None.
+
+    Returns:
+        torch.Tensor: (n, rows, width) in q's dtype.
+    """
+    c = g.codes
+    s = q.new_empty(q.shape[0], q.shape[1], g.width)
+    for lo in range(0, g.width, c.chunk):
+        hi = min(g.width, lo + c.chunk)
+        torch.bmm(q, c.keys(lo, hi).transpose(1, 2), out=s[:, :, lo:hi])
+    if c.key_scale is None:
+        s = s.mul_(alpha) if alpha != 1.0 else s
+        return s if bias is None else s.add_(bias)
+    ks = c.key_scale[:, None].to(s.dtype)
+    return s.mul_(ks).mul_(alpha) if bias is None else torch.addcmul(bias, s, ks, value=alpha)
+
+
+def _coded_output(p: torch.Tensor, g: KVGroup, dtype: torch.dtype) -> torch.Tensor:
+    """p @ v over a coded group, a chunk of dequantised values at a time, the value scales folded into p.
+
+    Args:
+        p: (n, rows, width) float32 probabilities.
+
+    Returns:
+        torch.Tensor: (n, rows, head_dim) in `dtype`.
+    """
+    c = g.codes
+    if c.value_scale is not None:
+        p = p * c.value_scale[:, None]
+    p = p.to(dtype)
+    o = None
+    for lo in range(0, g.width, c.chunk):
+        hi = min(g.width, lo + c.chunk)
+        v = c.values(lo, hi)
+        o = torch.bmm(p[:, :, lo:hi], v) if o is None else o.baddbmm_(p[:, :, lo:hi], v)
+    return o
 
 
 def eager_attention(xq: torch.Tensor, view) -> torch.Tensor:
@@ -407,25 +475,28 @@ def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsReq
             qfrom = _per_segment(want.window_from, n_kv, xq.device)
     for g in view.groups:
         qg = g.rows(q)
-        n, width = g.keys.shape[0], g.keys.shape[1]
-        if want is None:
+        n, width = g.pos.shape[0], g.width
+        if want is None and g.codes is None:
             og = _sdpa_group(qg, g, qpos, n_rep)
         else:
             el = max(4, xq.element_size())
             rows = max(1, min(seqlen, tile_bytes // max(1, n * n_rep * width * el)))
             og = torch.empty_like(qg)
-            cs_g = torch.zeros(n, width, dtype=torch.float32, device=xq.device)
+            cs_g = torch.zeros(n, width, dtype=torch.float32, device=xq.device) if want is not None else None
             band_g = torch.zeros_like(cs_g) if windows is not None else None
             win_g = torch.zeros_like(cs_g) if qfrom is not None else None
             for r0 in range(0, seqlen, rows):
                 r1 = min(seqlen, r0 + rows)
                 qt = qg.view(n, n_rep, seqlen, head_dim)[:, :, r0:r1].reshape(n, -1, head_dim)
-                s = torch.bmm(qt, g.keys.transpose(1, 2)).view(n, n_rep, r1 - r0, width)
+                s = (torch.bmm(qt, g.keys.transpose(1, 2)) if g.codes is None else _coded_scores(qt, g, 1.0)
+                     ).view(n, n_rep, r1 - r0, width)
                 visible = g.pos[:, None, :] <= qpos[r0:r1, None]  # (n, rows, width)
                 s = s.masked_fill(~visible[:, None], float("-inf")).view(n, -1, width)
                 p = torch.softmax(s, dim=-1, dtype=torch.float32)
-                o = torch.bmm(p.type_as(xq), g.values)
+                o = torch.bmm(p.type_as(xq), g.values) if g.codes is None else _coded_output(p, g, xq.dtype)
                 og.view(n, n_rep, seqlen, head_dim)[:, :, r0:r1] = o.view(n, n_rep, r1 - r0, head_dim)
+                if want is None:
+                    continue
                 pr = _combine_rep(p, n_rep, want.gqa)  # (n, rows, width)
                 cs_g += pr.sum(1)
                 if band_g is not None:
@@ -434,7 +505,8 @@ def packed_attention(xq: torch.Tensor, view: PackedView, want: Optional[StatsReq
                 if win_g is not None:  # rows at or after the sequence's window start
                     late = qpos[r0:r1].long()[None, :] >= g.rows(qfrom)[:, None]  # (n, rows)
                     win_g += (pr * late[..., None]).sum(1)
-            stats.colsum.append(cs_g)
+            if want is not None:
+                stats.colsum.append(cs_g)
             if band_g is not None:
                 stats.band.append(band_g)
             if win_g is not None:
@@ -477,13 +549,18 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
             late = _per_segment(want.window_from, n_kv, xq.device) <= view.start_pos  # (n_seg,)
     for g in view.groups:
         qg = g.rows(q)
-        if want is None:
+        if want is None and g.codes is None:
             og = F.scaled_dot_product_attention(qg[:, None], g.keys[:, None], g.values[:, None],
                                                 attn_mask=g.bias[:, None, None].to(q.dtype))[:, 0]
-        else:
+            _put_rows(out, g, og)
+            continue
+        if g.codes is None:
             s = torch.baddbmm(g.bias[:, None].to(q.dtype), qg, g.keys.transpose(1, 2), alpha=scale)  # (n, n_rep, w)
-            p = torch.softmax(s, dim=-1, dtype=torch.float32)
-            og = torch.bmm(p.type_as(q), g.values)
+        else:
+            s = _coded_scores(qg, g, scale, g.bias[:, None].to(q.dtype))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+        og = torch.bmm(p.type_as(q), g.values) if g.codes is None else _coded_output(p, g, q.dtype)
+        if want is not None:
             pr = p.mean(1) if want.gqa == "mean" else p.amax(1)  # (n, width)
             stats.colsum.append(pr)
             if stats.band is not None:
