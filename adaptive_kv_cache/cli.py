@@ -238,7 +238,7 @@ def check_common(args) -> Dict:
     """
     if not args.compress and args.kv_quant not in (None, "none"):
         raise UserError(f"--kv_quant {args.kv_quant} quantises the compressed cache; drop --no-compress (to keep "
-                        f"every token, use --budget 1, or --T 1 with fastgen)")
+                        f"every token: --T 1 with fastgen, --budget 1 --kv_option decode=false otherwise)")
     kv_config = kv_config_from_flags(args.kv_config, args.T, args.r_l, args.r_f, args.compress, args.evict_every,
                                      args.method, args.budget, args.budget_tokens, args.budgets, args.kv_option,
                                      args.kv_quant)

@@ -86,6 +86,23 @@ def _check_int(name: str, v: Any, lo: int) -> int:
     return int(v)
 
 
+def _check_kv_quant(value: Any) -> str:
+    """Checks a `kv_quant` setting (an option of every method, FastGen's and the scoring methods' alike).
+
+    Args:
+        value: the setting as given.
+
+    Returns:
+        the codec name, one of KV_QUANT.
+
+    Raises:
+        KVConfigError: one line naming the allowed values.
+    """
+    if value not in KV_QUANT:
+        _fail(f"kv_quant={value!r} is not allowed; allowed values: {', '.join(map(repr, KV_QUANT))}")
+    return value
+
+
 def _normalise_candidate(i: int, c: Any) -> tuple[str, ...]:
     if isinstance(c, str):
         names = tuple(p.strip() for p in c.split("+")) if c.strip() else ()
@@ -196,8 +213,7 @@ class FastGenConfig:
 
         set_("evict_every", _check_int("evict_every", self.evict_every, 1))
 
-        if self.kv_quant not in KV_QUANT:
-            _fail(f"kv_quant={self.kv_quant!r} is not allowed; allowed values: {', '.join(map(repr, KV_QUANT))}")
+        _check_kv_quant(self.kv_quant)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -107,7 +107,7 @@ class Prepared:
         method = self.cls.create(self.config, self.context, observer)
         # the codec is chosen here, the one place a cache is built, so it composes with every method
         return CompressedCache(method, n_layers, prompt_tokens, max_seq_len, evict_every=self.config.evict_every,
-                               codec=make_codec(getattr(self.config, "kv_quant", "none")))
+                               codec=make_codec(self.config.kv_quant))
 
 
 __all__ = ["METHODS", "KVConfigError", "Prepared", "check_name", "config_dict", "defaults", "describe",

@@ -19,7 +19,7 @@ import torch
 
 from adaptive_kv_cache import budgets as B
 from adaptive_kv_cache.compressed import CompressedCache, CompressionMethod
-from adaptive_kv_cache.config import _check_float, _check_int, _fail
+from adaptive_kv_cache.config import _check_float, _check_int, _check_kv_quant, _fail
 from llama.attention import AttentionStats, StatsRequest
 
 #: Score of a slot a method always keeps (sinks, the recent or observation window), above any attention sum;
@@ -51,6 +51,9 @@ class BudgetConfig:
     gqa            how the query heads sharing a KV head are combined in the statistics: mean | max
     decode         evict during decoding too (keep the budget at every eviction), or only at the prompt's end
     evict_every    k: decode steps between evictions (1: after every token)
+    kv_quant       how kept tokens are stored: none | int8 | int4 (adaptive_kv_cache/codecs.py); a layer is
+                   quantised once every prompt has ended, so prompt-end scores use full-precision keys (decode-time
+                   scores come from the attention over the codes)
     """
 
     method: str = ""
@@ -62,6 +65,7 @@ class BudgetConfig:
     gqa: str = "mean"
     decode: bool = True
     evict_every: int = 16
+    kv_quant: str = "none"
     head_scores: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class BudgetConfig:
         _check_choice("gqa", self.gqa, ("mean", "max"))
         _check_bool("decode", self.decode)
         _check_int("evict_every", self.evict_every, 1)
+        _check_kv_quant(self.kv_quant)
         if self.head_scores is not None and not isinstance(self.head_scores, str):
             _fail(f"head_scores must be a path (a string), got {type(self.head_scores).__name__}")
 

@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from adaptive_kv_cache.config import _check_float, _check_int
+from adaptive_kv_cache.config import _check_float, _check_int, _fail
 from adaptive_kv_cache.methods.base import PROTECT, BudgetConfig, ScoredMethod, layer_fields, to_groups
 from adaptive_kv_cache import budgets as B
 from llama.attention import DenseView
@@ -43,6 +43,11 @@ class RazorConfig(BudgetConfig):
         _check_int("sinks", self.sinks, 0)
         _check_int("probe_tokens", self.probe_tokens, 2)
         _check_int("seed", self.seed, 0)
+        if self.kv_quant != "none" and self.decode:
+            # the compensation slot is a running mean written in place into full-precision keys and values; once
+            # a codec has sealed the layer they are codes (int4: per-block scales), so only the prompt's end can merge
+            _fail(f"kv_quant={self.kv_quant!r} needs decode=false for razor: its compensation slot merges "
+                  f"full-precision keys, which a codec replaces once the prompt ends")
 
 
 class _ProbeCache(KVCache):
