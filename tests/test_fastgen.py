@@ -432,9 +432,12 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir):
     g.model.forward(tokens[:, :60], 0, cache)
     for pos in range(60, 62):  # up to just after an eviction
         g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    # the passes before the next eviction (an eviction reads the new lengths back to the host, by design)
+    stop = 62 + cache.evict_every - 1 - cache.steps_since_compaction
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for pos in range(62, 62 + 6):
+        for pos in range(62, stop):
             g.model.forward(tokens[:, pos : pos + 1], pos, cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert stop > 63 and cache.steps_since_compaction == cache.evict_every - 1  # several passes, none evicted
