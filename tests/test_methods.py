@@ -118,7 +118,7 @@ def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
         grown = n - Lb if not cfg.decode else 0  # prefill-only methods append every generated token
         if cfg.method == "razor":
             full = cache.method.retrieval[layer_id].tolist()
-            out.append([n if f else min(B, n) for f in full])
+            out.append([n if f else min(B, Lb) + grown for f in full])
         elif cfg.budgets == "headkv":
             out.append([min(x, Lb) + grown for x in headkv_split(cfg, B)[layer_id]])
         else:
@@ -126,16 +126,32 @@ def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
     return out
 
 
-@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
-def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
-    llama = stories_llama
-    k = 4
+def assert_budget_kept(cfg, cache, prompts, n):
+    """Every segment holds exactly what its method keeps right after an eviction at n positions."""
+    for layer_id, store in enumerate(cache.stores):
+        lengths = [store.lengths[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(len(prompts))]
+        if cfg.budgets == "adakv":  # per sequence n_kv x budget in all, each head at least its floor
+            for b, row in enumerate(lengths):
+                B = budget_of(cfg, len(prompts[b]))
+                grown = 0 if cfg.decode else n - len(prompts[b])
+                assert sum(row) == cache.n_kv_heads * (B + grown)
+                assert min(row) >= math.floor(cfg.alpha * B) + grown
+        else:
+            assert lengths == expected_lengths(cfg, cache, layer_id, n, [len(p) for p in prompts],
+                                               cache.n_kv_heads), f"layer {layer_id} at {n}"
+
+
+def budget_run(llama, cfg_of):
+    """Prompts of 150 and 110 tokens, teacher-forced to 170 positions with k = 4; yields (config, cache, n) after
+    every eviction once both prompts have ended, for each budget `cfg_of(budget)` returns a config for."""
     prompts = [story_tokens(llama, 150), story_tokens(llama, 110, offset=400)]
     tokens = torch.tensor([prompts[0] + story_tokens(llama, 20, offset=900),
                            prompts[1] + story_tokens(llama, 60, offset=900)])
     for budget in ({"budget": 0.3}, {"budget_tokens": 40}):
-        g = compressed(llama, config(name, evict_every=k, **budget, **over))
-        cfg = g.kv_config
+        cfg = cfg_of(budget)
+        if cfg is None:
+            continue
+        g = compressed(llama, cfg)
         cache = g.new_cache(prompts, 170)
         llama.model.forward(tokens[:, :110], 0, cache)
         checked = 0
@@ -144,27 +160,86 @@ def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
             if pos + 1 < 150 or cache.steps_since_compaction != 0:
                 continue  # the long prompt still pending, or no eviction in this pass
             checked += 1
-            stats = cache.memory_stats()
-            for layer_id, (store, layer) in enumerate(zip(cache.stores, stats["layers"])):
-                lengths = [store.lengths[b * cache.n_kv_heads : (b + 1) * cache.n_kv_heads] for b in range(2)]
-                if cfg.budgets == "adakv":  # per sequence n_kv x budget in all, each head at least its floor
-                    for b, row in enumerate(lengths):
-                        B = budget_of(cfg, len(prompts[b]))
-                        grown = 0 if cfg.decode else pos + 1 - len(prompts[b])
-                        assert sum(row) == cache.n_kv_heads * (B + grown)
-                        assert min(row) >= math.floor(cfg.alpha * B) + grown
-                else:
-                    assert lengths == expected_lengths(cfg, cache, layer_id, pos + 1, [len(p) for p in prompts],
-                                                       cache.n_kv_heads), f"layer {layer_id} at {pos + 1}"
-                k_buf = store.buf["k"]
-                row = 2 * k_buf.shape[1] * k_buf.element_size()
-                assert layer["kept_tokens"] == sum(store.lengths) and layer["kept_bytes"] == layer["kept_tokens"] * row
-                assert layer["allocated_bytes"] == (k_buf.numel() + store.buf["v"].numel()) * k_buf.element_size()
-                padding = sum(int((p == EMPTY_POS).sum()) for p in store.field("pos"))
-                headroom = sum(g.n * (g.cap - g.width) for g in store.groups)
-                assert layer["slack_bytes"] == (padding + headroom) * row
-                assert all(g.cap - g.width <= store.free_limit(g.width, k) for g in store.groups)
+            assert_budget_kept(g.kv_config, cache, prompts, pos + 1)
+            yield g.kv_config, cache
         assert checked >= 4
+
+
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_each_method_keeps_exactly_its_budget(stories_llama, name, over):
+    for cfg, cache in budget_run(stories_llama, lambda budget: config(name, evict_every=4, **budget, **over)):
+        stats = cache.memory_stats()
+        for store, layer in zip(cache.stores, stats["layers"]):
+            k_buf = store.buf["k"]
+            row = 2 * k_buf.shape[1] * k_buf.element_size()
+            assert layer["kept_tokens"] == sum(store.lengths) and layer["kept_bytes"] == layer["kept_tokens"] * row
+            assert layer["allocated_bytes"] == (k_buf.numel() + store.buf["v"].numel()) * k_buf.element_size()
+            padding = sum(int((p == EMPTY_POS).sum()) for p in store.field("pos"))
+            headroom = sum(g.n * (g.cap - g.width) for g in store.groups)
+            assert layer["slack_bytes"] == (padding + headroom) * row
+            assert all(g.cap - g.width <= store.free_limit(g.width, cfg.evict_every) for g in store.groups)
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+@pytest.mark.parametrize("name, over", SETTINGS, ids=IDS)
+def test_each_method_with_a_codec_keeps_its_budget_in_codes(stories_llama, name, over, kv_quant):
+    """`kv_quant` is an option of every method: the same exact kept-token counts as in full precision, every layer
+    sealed once both prompts ended (no full-precision keys or values left in the store), the allocated bytes equal
+    to the codec's formula (codes + scales + full-precision window) over the store's slots, and the kept positions
+    of the full-precision run wherever scores were taken on full-precision keys."""
+    if name == "razor":
+        over = {**over, "decode": False}  # razor merges full-precision keys at decode evictions (its config says)
+    # int8 with a share of the prompt, int4 with a token count: both budget forms, each codec once
+    use = {"int8": "budget", "int4": "budget_tokens"}[kv_quant]
+
+    def cfg_of(budget, quant=kv_quant):
+        return config(name, evict_every=4, kv_quant=quant, **budget, **over) if use in budget else None
+
+    def held(cache):
+        return [[st.slot_positions(i) for i in range(st.n_seg)] for st in cache.stores]
+
+    # the same method in full precision: its kept positions after each eviction
+    ref = [held(cache) for _, cache in budget_run(stories_llama, lambda budget: cfg_of(budget, "none"))]
+    runs = 0
+    for cfg, cache in budget_run(stories_llama, cfg_of):
+        # scores come from full-precision keys until the last prompt ends (the first check, at 150 positions), so
+        # the kept sets match there; prefill-only methods never rescore, so they match at every later eviction
+        if runs == 0 or not cfg.decode:
+            assert held(cache) == ref[runs]
+        runs += 1
+        assert cfg.kv_quant == kv_quant and cache.codec.name == kv_quant
+        stats = cache.memory_stats()
+        assert stats["kv_quant"] == kv_quant
+        hd, el = cache.head_dim, cache.kv_dtype.itemsize
+        for layer_id, (store, layer) in enumerate(zip(cache.stores, stats["layers"])):
+            assert "k" not in store.buf and "v" not in store.buf
+            slots = sum(g.n * g.cap for g in store.groups)
+            if kv_quant == "int8":  # one int8 per number, one float32 scale per token for keys and for values
+                codes, scales, residual = slots * 2 * hd, slots * 2 * 4, 0
+            else:  # two codes a byte; per-token value scales (min, step) and per-(block, channel) key scales
+                st = cache.codec.state[layer_id]
+                blocks, window = st["kp"].shape[1], st["rk"].shape[1]
+                codes = slots * 2 * (hd // 2)
+                scales = slots * 2 * 4 + 2 * store.n_seg * blocks * hd * 4
+                residual = 2 * store.n_seg * window * hd * el
+            assert (layer["codes_bytes"], layer["scales_bytes"], layer["residual_bytes"]) == (codes, scales, residual)
+            assert layer["allocated_bytes"] == codes + scales + residual
+            assert layer["kept_tokens"] == sum(store.lengths)
+    assert runs >= 4
+
+
+def test_every_method_takes_kv_quant_and_razor_needs_prefill_only_compression():
+    from adaptive_kv_cache.cli import kv_config_from_flags
+
+    for name in NAMES:
+        if name != "razor":
+            assert load_method_config({"method": name, "kv_quant": "int4"}).kv_quant == "int4"
+            assert kv_config_from_flags(method=name, kv_quant="int8").kv_quant == "int8"
+    assert load_method_config({"method": "razor", "kv_quant": "int8", "decode": False}).kv_quant == "int8"
+    with pytest.raises(KVConfigError, match="kv_quant='int8' needs decode=false for razor"):
+        load_method_config({"method": "razor", "kv_quant": "int8"})
+    with pytest.raises(KVConfigError, match="kv_quant='int3' is not allowed; allowed values: 'none', 'int8'"):
+        load_method_config({"method": "tova", "kv_quant": "int3"})
 
 
 # --- 100% == dense, batch == alone, GQA --------------------------------------------------------------------------------
@@ -394,9 +469,12 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir, nam
     g.model.forward(tokens[:, :60], 0, cache)
     for pos in range(60, 62):
         g.model.forward(tokens[:, pos : pos + 1], pos, cache)
+    # the prompt's end compacted; the passes before the next eviction do not (k = 8: up to position 66)
+    stop = 62 + cache.evict_every - 1 - cache.steps_since_compaction
     torch.cuda.set_sync_debug_mode("error")
-    try:  # the prompt's end compacted; decode passes 60 .. 66 do not (k = 8: the next is position 67)
-        for pos in range(62, 67):
+    try:
+        for pos in range(62, stop):
             g.model.forward(tokens[:, pos : pos + 1], pos, cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert stop > 63 and cache.steps_since_compaction == cache.evict_every - 1  # several passes, none evicted
