@@ -33,17 +33,17 @@ def main(argv=None) -> Path:
     import torch
 
     torch.set_num_threads(args.threads)
-    from adaptive_kv_cache.methods.headkv import SCORES_FILE, needle_head_scores
+    from adaptive_kv_cache.methods.headkv import SCORES_FILE, needle_head_scores, needle_items
     from benchmarks import LONG_TEXT
-    from benchmarks.quality import bos_prefix, retrieval_items, token_stream
+    from benchmarks.quality import bos_prefix, token_stream
     from llama import Llama
 
     t0 = time.perf_counter()
     llama = Llama.build(args.ckpt_dir, None, max_seq_len=max(args.lengths) + 64, max_batch_size=1, device="cpu")
     text = args.text or str(LONG_TEXT)
     stream = token_stream(llama.tokenizer, text, 4 * max(args.lengths))
-    items = retrieval_items(llama.tokenizer, stream, args.lengths, args.depths, args.trials, random.Random(args.seed),
-                            bos_prefix(llama.tokenizer, "auto"))
+    items = needle_items(llama.tokenizer, stream, args.lengths, args.depths, args.trials, random.Random(args.seed),
+                         bos_prefix(llama.tokenizer, "auto"))
     result = needle_head_scores(llama, items)
     result.update(model=Path(args.ckpt_dir).resolve().name, lengths=args.lengths, depths=args.depths,
                   trials=args.trials, seed=args.seed, text=text, seconds=round(time.perf_counter() - t0, 1),

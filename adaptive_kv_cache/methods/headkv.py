@@ -11,6 +11,7 @@ head's score (`adaptive_kv_cache/budgets.py`, `headkv_budgets`).
 
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -91,9 +92,59 @@ def _find(seq: List[int], sub: List[int]) -> int:
     return -1
 
 
+#: Names and words of the planted facts ("<name>'s secret word is <word>.").
+NEEDLE_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Anna", "Tim", "Lucy", "Jack", "Emma"]
+NEEDLE_WORDS = ["apple", "kite", "frog", "drum", "boat", "hat", "star", "cake", "shoe", "bird", "lamp", "rock",
+                "moon", "sock", "bell", "leaf", "train", "horse", "cup", "tree"]
+
+
+def needle_items(tokenizer, stream: List[int], lengths, depths, trials: int, rng: random.Random,
+                 bos: List[int]) -> List[Dict]:
+    """Prompts with one planted fact each, and the question + answer continuations (what `needle_head_scores`
+    scores on; moved here from benchmarks/quality.py, whose retrieval rows became the tasks of issue 11).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        stream: filler tokens, read from a random start (wrapping around).
+        lengths: prompt lengths in tokens; depths: where the fact sits, as a share of the filler, per length.
+        trials: facts per (length, depth).
+        rng: picks names, words and filler starts.
+        bos: tokens that open every prompt.
+
+    Returns:
+        one dict per prompt: length, depth, name, word, prompt, question, answer (the word's tokens), cont.
+    """
+    items = []
+    for L in lengths:
+        for d in depths:
+            for _ in range(trials):
+                name, word = rng.choice(NEEDLE_NAMES), rng.choice(NEEDLE_WORDS)
+                fact = tokenizer.encode(f" {name}'s secret word is {word}. ", bos=False, eos=False)
+                q_text = f"\nWhat is {name}'s secret word? {name}'s secret word is"
+                q = tokenizer.encode(q_text, bos=False, eos=False)
+                qa = tokenizer.encode(f"{q_text} {word}.", bos=False, eos=False)
+                if qa[: len(q)] != q:  # the answer merged into the question's last token: keep it whole
+                    q = qa[: len(q) - 1]
+                n_fill = L - len(bos) - len(fact)
+                if n_fill < 1:
+                    raise ValueError(f"retrieval length {L} is too short for the fact ({len(fact)} tokens)")
+                start = rng.randrange(len(stream))
+                fill = [stream[(start + i) % len(stream)] for i in range(n_fill)]
+                at = int(round(d * n_fill))
+                prompt = bos + fill[:at] + fact + fill[at:]
+                answer = qa[len(q):]
+                # the answer word: drop a trailing "." piece so that only the word itself is scored
+                dot = tokenizer.encode(f"{q_text} {word}", bos=False, eos=False)[len(q):]
+                if dot and dot == answer[: len(dot)]:
+                    answer = dot
+                items.append({"length": L, "depth": d, "name": name, "word": word, "prompt": prompt,
+                              "question": q, "answer": answer, "cont": qa[len(q):]})
+    return items
+
+
 @torch.inference_mode()
 def needle_head_scores(llama, items: List[Dict]) -> Dict:
-    """Scores every KV head on needle retrieval (items as `benchmarks.quality.retrieval_items` makes them).
+    """Scores every KV head on needle retrieval (items as `needle_items` makes them).
 
     Returns:
         {"scores": (n_layers x n_kv_heads) nested list, "correct": answered right, "items": tried}.
