@@ -305,3 +305,30 @@ def positions_now(cache: CompressedCache) -> torch.Tensor:
 
 def prompt_lens(cache: CompressedCache) -> torch.Tensor:
     return cache.per_segment(cache.prompt_lens)
+
+
+class BudgetWrapper:
+    """A wrapper that is not a method of its own (AdaKV, HeadKV): `{"method": NAME, "scorer": SCORER, ...}` is
+    SCORER's config with `budgets` set to the wrapper's allocation, so the wrapper composes with any scorer.
+
+    Attributes:
+        allocation: the budgets.py allocation the wrapper stands for (also its registry name).
+    """
+
+    allocation = ""
+    #: methods that own their budgets (or are wrappers themselves), so they cannot be wrapped
+    UNWRAPPABLE = ("adakv", "headkv", "fastgen", "razor")
+
+    @classmethod
+    def config_from_dict(cls, d: Mapping[str, Any]):
+        from adaptive_kv_cache.registry import METHODS, load_method_config
+
+        d = dict(d)
+        d.pop("method", None)
+        scorer = d.pop("scorer", "snapkv")
+        if scorer in cls.UNWRAPPABLE or scorer not in METHODS:
+            allowed = [m for m in METHODS if m not in cls.UNWRAPPABLE]
+            _fail(f"scorer={scorer!r} cannot be wrapped by {cls.allocation}; allowed scorers: {', '.join(allowed)}")
+        if d.get("budgets", cls.allocation) != cls.allocation:
+            _fail(f"budgets={d['budgets']!r} contradicts method {cls.allocation}; leave budgets out")
+        return load_method_config({**d, "method": scorer, "budgets": cls.allocation})

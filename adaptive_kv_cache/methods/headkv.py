@@ -13,32 +13,20 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from adaptive_kv_cache.config import KVConfigError, _fail
+from adaptive_kv_cache.config import KVConfigError
+from adaptive_kv_cache.methods.base import BudgetWrapper
 
 SCORES_FILE = "head_scores.json"
 
 
-class HeadKV:
+class HeadKV(BudgetWrapper):
     """Not a method of its own: `config_from_dict` returns the scorer's config with headkv budgets."""
 
-    @staticmethod
-    def config_from_dict(d: Mapping[str, Any]):
-        from adaptive_kv_cache.registry import METHODS, load_method_config
-
-        d = dict(d)
-        d.pop("method", None)
-        scorer = d.pop("scorer", "snapkv")
-        banned = ("adakv", "headkv", "fastgen", "razor")
-        if scorer in banned or scorer not in METHODS:
-            _fail(f"scorer={scorer!r} cannot be wrapped by headkv; allowed scorers: "
-                  f"{', '.join(m for m in METHODS if m not in banned)}")
-        if d.get("budgets", "headkv") != "headkv":
-            _fail(f"budgets={d['budgets']!r} contradicts method headkv; leave budgets out")
-        return load_method_config({**d, "method": scorer, "budgets": "headkv"})
+    allocation = "headkv"
 
 
 def load_head_scores(config, ckpt_dir: Optional[str]) -> torch.Tensor:
