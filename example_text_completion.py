@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from adaptive_kv_cache.cli import (
-    ArgumentParser, Progress, RunRecord, TokenStream, UserError, add_common_arguments, build_generator,
+    ArgumentParser, Progress, TokenStream, UserError, add_common_arguments, build_generator,
     check_common, rank, run_cli,
 )
 

@@ -13,26 +13,28 @@ import math
 import torch
 
 from adaptive_kv_cache.tokens import special_mask
-from llama.attention import EMPTY_POS, KVGroup, PackedView
-from llama.kv_cache import KVCache
+from masked_reference import MaskedCache
 
 
 def ceil_ratio(r, n):
     return math.ceil(r * n - 1e-9)
 
 
-class MaskedFastGenCache(KVCache):
+class MaskedFastGenCache(MaskedCache):
     def __init__(self, config, classes, n_layers, prompt_tokens, max_len):
-        self.cfg, self.classes, self.max_len = config, classes, max_len
-        self.prompt_lens = [len(p) for p in prompt_tokens]
+        super().__init__(config.evict_every, n_layers, prompt_tokens, max_len)
+        self.cfg, self.classes = config, classes
         self.prompt_special = [special_mask(torch.tensor(p), classes) for p in prompt_tokens]
-        self.layers = [None] * n_layers
         bsz = len(prompt_tokens)
         self.special = torch.zeros(bsz, max_len, dtype=torch.bool)
         self.punct = torch.zeros_like(self.special)
-        self.pending = [True] * bsz
-        self.since = 0  # passes since the last eviction
-        self.length = 0
+
+    def new_layer(self, bsz, n_kv, xk):
+        st = super().new_layer(bsz, n_kv, xk)
+        st["score"] = torch.zeros(bsz, n_kv, self.max_len, dtype=torch.float64)
+        st["prompt_map"] = [[None] * n_kv for _ in range(bsz)]  # (L, L) aggregated prompt attention
+        st["policy"] = [[None] * n_kv for _ in range(bsz)]  # chosen candidate (tuple of names)
+        return st
 
     def begin(self, tokens, start_pos):
         end = start_pos + tokens.shape[1]
@@ -42,47 +44,17 @@ class MaskedFastGenCache(KVCache):
             hi = min(end, len(sm))
             if start_pos < hi:
                 self.special[b, start_pos:hi] |= sm[start_pos:hi]
-        self.start, self.stop = start_pos, end
-        self.finishing = [p and n <= end for p, n in zip(self.pending, self.prompt_lens)]
-        decoding = any(self.finishing) or not all(self.pending)
-        self.evict = any(self.finishing) or (decoding and self.since + 1 >= self.cfg.evict_every)
-
-    def append(self, layer_id, start_pos, xk, xv):
-        bsz, seqlen, n_kv, hd = xk.shape
-        if self.layers[layer_id] is None:
-            self.layers[layer_id] = {
-                "k": xk.new_zeros(bsz, n_kv, self.max_len, hd), "v": xk.new_zeros(bsz, n_kv, self.max_len, hd),
-                "keep": torch.zeros(bsz, n_kv, self.max_len, dtype=torch.bool),
-                "score": torch.zeros(bsz, n_kv, self.max_len, dtype=torch.float64),
-                "prompt_map": [[None] * n_kv for _ in range(bsz)],  # (L, L) aggregated prompt attention
-                "policy": [[None] * n_kv for _ in range(bsz)],  # chosen candidate (tuple of names)
-            }
-        st = self.layers[layer_id]
-        st["k"][:, :, start_pos:self.stop] = xk.transpose(1, 2)
-        st["v"][:, :, start_pos:self.stop] = xv.transpose(1, 2)
-        st["keep"][:, :, start_pos:self.stop] = True
-        keep = st["keep"][:, :, : self.stop].reshape(bsz * n_kv, self.stop)
-        pos = torch.where(keep, torch.arange(self.stop, dtype=torch.int32), EMPTY_POS)
-        bias = torch.zeros(pos.shape).masked_fill_(~keep, float("-inf"))
-        group = KVGroup(st["k"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd),
-                        st["v"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd), pos,
-                        torch.arange(bsz * n_kv), (0, bsz * n_kv), bias)
-        return PackedView([group], start_pos, n_kv)
+        super().begin(tokens, start_pos)
 
     def after_attention(self, layer_id, xq, view, stats):
         st = self.layers[layer_id]
-        bsz, seqlen, n_heads, hd = xq.shape
+        bsz = xq.shape[0]
         n_kv = st["k"].shape[1]
-        n_rep = n_heads // n_kv
         end = self.stop
         for b in range(bsz):
             for h in range(n_kv):
                 held = st["keep"][b, h, :end]
-                q = xq[b, :, h * n_rep : (h + 1) * n_rep].double().transpose(0, 1)  # (n_rep, seqlen, hd)
-                s = q @ st["k"][b, h, :end].double().T / math.sqrt(hd)
-                visible = held[None, :] & (torch.arange(end)[None, :] <= torch.arange(self.start, end)[:, None])
-                p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
-                agg = p.mean(0) if self.cfg.gqa_aggregation == "mean" else p.amax(0)  # (seqlen, end)
+                agg = self.probs(layer_id, xq, b, h, self.cfg.gqa_aggregation)  # (seqlen, end)
                 st["score"][b, h, :end] += agg.sum(0)
                 if self.pending[b]:
                     L = self.prompt_lens[b]
@@ -95,11 +67,6 @@ class MaskedFastGenCache(KVCache):
                     st["policy"][b][h] = self.choose(b, st["prompt_map"][b][h])
                 if self.evict and st["policy"][b][h] is not None:
                     st["keep"][b, h, :end] = self.kept(b, st["policy"][b][h], held, st["score"][b, h, :end])
-
-    def end(self):
-        self.length = self.stop
-        self.pending = [p and not f for p, f in zip(self.pending, self.finishing)]
-        self.since = 0 if self.evict else self.since + 1
 
     # --- FastGen by the definition --------------------------------------------------------------------------
 
@@ -151,12 +118,6 @@ class MaskedFastGenCache(KVCache):
         for j in held_pos:
             out[j] = any(self.member_keeps(b, m, n - 1, j, n, L, frequent) for m in cand)
         return out
-
-    def kept_positions(self, layer_id):
-        """(bsz, n_kv) nested lists of the positions each head still holds."""
-        keep = self.layers[layer_id]["keep"]
-        return [[torch.nonzero(keep[b, h]).flatten().tolist() for h in range(keep.shape[1])]
-                for b in range(keep.shape[0])]
 
     def policies(self, layer_id):
         return [["+".join(c) for c in row] for row in self.layers[layer_id]["policy"]]

@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from llama.attention import EMPTY_POS, KVGroup, PackedView
-from llama.kv_cache import KVCache
+from masked_reference import MaskedCache
 
 
 def budget_of(cfg, L):
@@ -47,63 +46,25 @@ def headkv_split(cfg, B):
     return [[floor + out[l * n_kv + h] for h in range(n_kv)] for l in range(len(scores))]
 
 
-class MaskedMethodCache(KVCache):
+class MaskedMethodCache(MaskedCache):
+    fields = {name: torch.float64 for name in ("acc", "window", "last", "merged")}
+
     def __init__(self, cfg, n_layers, prompt_tokens, max_len, retrieval=None):
-        self.cfg, self.n_layers, self.max_len = cfg, n_layers, max_len
+        super().__init__(cfg.evict_every, n_layers, prompt_tokens, max_len)
+        self.cfg, self.n_layers = cfg, n_layers
         self.method = cfg.method
-        self.prompt_lens = [len(p) for p in prompt_tokens]
         self.retrieval = retrieval  # razor: (n_layers, n_kv) bool
-        self.layers = [None] * n_layers
-        self.pending = [True] * len(prompt_tokens)
-        self.since = 0
-        self.length = 0
-
-    def begin(self, tokens, start_pos):
-        self.start, self.stop = start_pos, start_pos + tokens.shape[1]
-        self.finishing = [p and n <= self.stop for p, n in zip(self.pending, self.prompt_lens)]
-        decoding = any(self.finishing) or not all(self.pending)
-        self.evict = any(self.finishing) or (decoding and self.since + 1 >= self.cfg.evict_every)
-
-    def append(self, layer_id, start_pos, xk, xv):
-        bsz, seqlen, n_kv, hd = xk.shape
-        if self.layers[layer_id] is None:
-            z = lambda dtype: torch.zeros(bsz, n_kv, self.max_len, dtype=dtype)  # noqa: E731
-            self.layers[layer_id] = {"k": xk.new_zeros(bsz, n_kv, self.max_len, hd),
-                                     "v": xk.new_zeros(bsz, n_kv, self.max_len, hd), "keep": z(torch.bool),
-                                     "acc": z(torch.float64), "window": z(torch.float64), "last": z(torch.float64),
-                                     "merged": z(torch.float64)}
-        st = self.layers[layer_id]
-        st["k"][:, :, start_pos:self.stop] = xk.transpose(1, 2)
-        st["v"][:, :, start_pos:self.stop] = xv.transpose(1, 2)
-        st["keep"][:, :, start_pos:self.stop] = True
-        keep = st["keep"][:, :, : self.stop].reshape(bsz * n_kv, self.stop)
-        pos = torch.where(keep, torch.arange(self.stop, dtype=torch.int32), EMPTY_POS)
-        bias = torch.zeros(pos.shape).masked_fill_(~keep, float("-inf"))
-        group = KVGroup(st["k"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd),
-                        st["v"][:, :, : self.stop].reshape(bsz * n_kv, self.stop, hd), pos,
-                        torch.arange(bsz * n_kv), (0, bsz * n_kv), bias)
-        return PackedView([group], start_pos, n_kv)
-
-    def end(self):
-        self.length = self.stop
-        self.pending = [p and not f for p, f in zip(self.pending, self.finishing)]
-        self.since = 0 if self.evict else self.since + 1
 
     # --- statistics by the definition ---------------------------------------------------------------------
 
     def after_attention(self, layer_id, xq, view, stats):
         st = self.layers[layer_id]
-        bsz, seqlen, n_heads, hd = xq.shape
+        bsz, seqlen = xq.shape[:2]
         n_kv = st["k"].shape[1]
-        n_rep, end = n_heads // n_kv, self.stop
+        end = self.stop
         for b in range(bsz):
             for h in range(n_kv):
-                held = st["keep"][b, h, :end]
-                q = xq[b, :, h * n_rep : (h + 1) * n_rep].double().transpose(0, 1)
-                s = q @ st["k"][b, h, :end].double().T / math.sqrt(hd)
-                visible = held[None, :] & (torch.arange(end)[None, :] <= torch.arange(self.start, end)[:, None])
-                p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
-                agg = p.mean(0) if self.cfg.gqa == "mean" else p.amax(0)  # (seqlen, end)
+                agg = self.probs(layer_id, xq, b, h, self.cfg.gqa)  # (seqlen, end)
                 st["acc"][b, h, :end] += agg.sum(0)
                 st["last"][b, h, :end] = agg[-1]
                 if self.method in ("snapkv", "pyramidkv") and self.pending[b]:
@@ -187,8 +148,3 @@ class MaskedMethodCache(KVCache):
         st["merged"][b, h, slot] = m + len(dropped)
         st["keep"][b, h] = False
         st["keep"][b, h, kept + [slot]] = True
-
-    def kept_positions(self, layer_id):
-        keep = self.layers[layer_id]["keep"]
-        return [[keep[b, h].nonzero().flatten().tolist() for h in range(keep.shape[1])]
-                for b in range(keep.shape[0])]

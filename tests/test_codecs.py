@@ -2,7 +2,6 @@
 cache, allocated bytes against the formula and the buffers, and every codec composed with FastGen and with a
 method that keeps everything."""
 
-import math
 
 import pytest
 import torch

@@ -50,7 +50,7 @@ def test_single_needle_sits_at_its_depth(task_builder, depth):
     it = task_builder.item("single_needle", 1000, depth, 0, seed=3)
     text = task_builder.text.decode(it.prompt)
     doc = text[text.index(tasks.DOC_INSTRUCTION) + len(tasks.DOC_INSTRUCTION): text.rindex(it.question)]
-    needle = f"The special magic number for"
+    needle = "The special magic number for"
     at = doc.index(needle) / len(doc)
     assert abs(at - depth) < 0.08, (at, depth)
     assert doc.count(it.answers[0]) == 1
