@@ -9,7 +9,8 @@ prints a table; ``python -m benchmarks.tables`` renders the README's tables from
 What is measured
 ----------------
 Settings: ``uncompressed`` (the dense cache, ``set_kv_config(None)``), FastGen at each ``--T``, any extra kv
-config (``--setting NAME=CONFIG``) and the fixed-policy baselines (below). Every setting sees the same inputs in
+config (``--setting NAME=CONFIG``), every registered method at equal memory and the codecs (below) and the
+fixed-policy baselines (below). Every setting sees the same inputs in
 the same process; a setting is a named kv config, so a new method adds rows without code here.
 
 * Tasks (`benchmarks.tasks`): RULER-style prompts in the model's chat format (single needle, multi-key,
@@ -62,6 +63,22 @@ memory error there reported (``match_rel_error``; ``matched`` false when it is o
 FastGen uses less memory than the hybrid's special+punct floor). The curves therefore compare at equal memory.
 The tasks run the baselines with the same x (their memory ratio on the task prompts is reported separately).
 
+The comparison of methods (issue 12)
+------------------------------------
+Every registered method (``--methods``, default all but FastGen, whose rows are its ``--T``; ``--no_methods``)
+runs as a row ``NAME b=x`` at each kept share x of ``--budgets`` (0.5 and 0.25: kv config ``{"method": NAME,
+"budget": x}``, each (sequence, KV head) keeping floor(x * prompt) tokens) and as ``NAME @T=t`` at FastGen's
+operating points: the budget whose mean allocated KV bytes equal FastGen's at each T < 1, found on the matching
+windows by `secant_match` (a method's memory is nearly affine in its budget: one or two evaluations), then run
+on every window with the baselines' secant correction (``match_rel_error``; ``--no_method_match`` leaves these
+out). The mem ratio column is the truth at a budget: methods that evict during decoding hold about x * P, the
+others x * P plus the decode tokens. A method that cannot run on the model (HeadKV without the head scores of
+scripts/score_heads.py) is left out with the reason (``methods_skipped``). Every method row runs the
+teacher-forced windows and the kept task cells, with the same intervals. ``--kv_quant CODEC ...`` (issue 13's
+codecs) adds ``CODEC alone`` (FastGen at T = 1, which keeps every token) and the codec combined with each of
+``--quant_methods`` (FastGen at each T < 1, the others at every budget), passing ``"kv_quant"`` in the kv
+config; a build whose configs do not know kv_quant stops at once with one line saying so.
+
 Prefill replay
 --------------
 FastGen attends first and compresses afterwards, so a prefill's activations do not depend on the cache. The
@@ -69,10 +86,14 @@ uncompressed run records every layer's (xq, xk, xv) of each prefill and the othe
 their own cache (``begin``, then per layer ``append``/attention/``after_attention``, then ``end``: exactly the calls
 ``Transformer.forward`` makes), which runs their profiling and compression for real but skips recomputing the
 rest of the model. Decode steps always run the model.
-``--no_replay`` turns this off; every run checks it on one setting (``replay_check`` in the JSON: the chosen
+``--no_replay`` turns this off; every run checks it on FastGen (``replay_check`` in the JSON: the chosen
 policies with and without replay must be equal, and the decode logits equal up to float rounding, since the
 recorded prefill ran the uncompressed cache's SDPA kernel and a FastGen prefill the tiled kernel that also
-returns statistics).
+returns statistics) and on each method and codec before its first row (``replay_checks``, `check_replay`).
+Replay makes the very cache calls of a real prefill, so methods that need the prompt's attention statistics
+(SnapKV's observation-window sums, H2O's column sums, TOVA's last query) get them from the same queries and
+keys; what it cannot reproduce is a prefill whose activations depend on the cache (attention over compressed or
+quantised keys). A method (or codec) whose check fails runs its own prefill in every row (``replay`` false).
 """
 
 import argparse
@@ -113,11 +134,15 @@ DEFAULT_TEXTS = (LONG_TEXT, DEFAULT_TEXT)  # two kinds of text: Shakespeare's pl
 
 # --quick: stories260K (context 512), every task cell kept (the tiny model answers none: it checks the pipeline).
 QUICK = dict(prompt_len=256, cont_len=32, n_prompts=2, gen_len=16, T=[1.0, 0.95, 0.9], bisect_iters=3,
-             match_windows=None, lengths=[320, 480], depths=[0.5], trials=1, min_accuracy=0.0, max_answer=8)
-# The full run (SmolLM2, one thread): sized to fit 90 minutes, see the README's "Budget".
+             match_windows=None, lengths=[320, 480], depths=[0.5], trials=1, min_accuracy=0.0, max_answer=8,
+             methods=["streaming_llm", "snapkv"], budgets=[0.5, 0.25], method_T=None,
+             baselines=list(DEFAULT_BASELINES))
+# The full run (SmolLM2, one thread): sized to fit 90 minutes with every method, see the README's "Budget": the
+# methods at half the cache and at FastGen's T = 0.95 memory (T = 0.9's, 0.49-0.51 of the cache, is the 0.5
+# budget's within a few %), the fixed baselines (issue 11's table, 37 minutes more) and budget 0.25 on request.
 FULL = dict(prompt_len=None, cont_len=64, n_prompts=8, gen_len=0, T=[1.0, 0.95, 0.9], bisect_iters=3,
             match_windows=2, lengths=[1000, 2000], depths=[0.1, 0.5, 0.9], trials=2, min_accuracy=0.7,
-            max_answer=None)
+            max_answer=None, methods=None, budgets=[0.5], method_T=[0.95], baselines=[])  # methods: every one
 
 REPLAY_TOL = 1e-3  # decode logits with and without prefill replay: float rounding of different kernels
 N_BOOT = 2000  # bootstrap draws
@@ -135,12 +160,16 @@ class Setting:
     """
 
     name: str
-    kind: str  # "uncompressed" | "fastgen" | "fixed" | "config"
-    config: object = None  # FastGenConfig or None
+    kind: str  # "uncompressed" | "fastgen" | "fixed" | "config" | "method" | "quant"
+    config: object = None  # FastGenConfig, a registered method's config, or None
     T: Optional[float] = None
     policy: Optional[str] = None  # the forced hybrid of a fixed baseline
     ratio: Optional[float] = None  # its r_l / r_f
     match: Dict = field(default_factory=dict)
+    method: Optional[str] = None  # registry name of a method row ("fastgen" for a codec alone)
+    budget: Optional[float] = None  # its kept share of each prompt
+    kv_quant: Optional[str] = None  # the codec of a "quant" row
+    replay: bool = True  # False: its prefill runs through the model (see `replay_check`)
 
 
 def fastgen_setting(base, T: float) -> Setting:
@@ -156,6 +185,64 @@ def config_setting(name: str, config) -> Setting:
     if cfg is None:
         raise ValueError(f"setting {name!r}: the config resolves to no compression; use the uncompressed row")
     return Setting(name, "config", cfg, T=getattr(cfg, "T", None))
+
+
+def method_kv_config(method: str, budget: Optional[float], kv_quant: Optional[str] = None,
+                     T: Optional[float] = None, options: Optional[Dict] = None) -> Dict:
+    """The kv config (a dict for `resolve_kv_config`) of a registered method keeping `budget` of each prompt,
+    with the codec when given; FastGen takes its threshold T instead of a budget; `options` go in as they are."""
+    d: Dict = {"method": method, **(options or {})}
+    if method == "fastgen":
+        d["T"] = 1.0 if T is None else float(T)
+    else:
+        d["budget"] = float(budget)
+    if kv_quant:
+        d["kv_quant"] = kv_quant
+    return d
+
+
+def method_setting(method: str, budget: Optional[float], T: Optional[float] = None,
+                   kv_quant: Optional[str] = None, options: Optional[Dict] = None) -> Setting:
+    """A row of the comparison: a registered method at a kept share of the cache (``b=0.5``), or at the share
+    matched to FastGen's memory at T (``@T=0.95``), optionally with a codec (kind "quant").
+
+    Args:
+        method: registry name.
+        budget: kept share of each prompt (None for FastGen, whose memory follows T).
+        T: the FastGen threshold this row is matched to (or FastGen's own T).
+        kv_quant: codec name (issue 13), or None for full precision.
+        options: more keys of the method's kv config (HeadKV's head_scores).
+    """
+    from adaptive_kv_cache.config import resolve_kv_config
+
+    cfg = resolve_kv_config(method_kv_config(method, budget, kv_quant, T, options))
+    codec = f" {kv_quant}" if kv_quant else ""
+    if method == "fastgen" and kv_quant and T is None:
+        name = f"{kv_quant} alone"  # FastGen at T = 1 keeps every token: the codec is all that compresses
+    elif method == "fastgen":
+        name = f"fastgen T={cfg.T:g}{codec}"
+    elif T is not None:
+        name = f"{method}{codec} @T={T:g}"
+    else:
+        name = f"{method}{codec} b={budget:g}"
+    return Setting(name, "quant" if kv_quant else "method", cfg, T=T, ratio=budget, method=method,
+                   budget=budget, kv_quant=kv_quant)
+
+
+def check_kv_quant(codecs: Sequence[str], methods: Sequence[str]) -> None:
+    """Fails with one clear line when the installed kv configs do not know ``kv_quant`` (issue 13's codecs) or
+    not this codec, before any model work."""
+    from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
+
+    for q in codecs:
+        for m in dict.fromkeys(["fastgen", *methods]):
+            try:
+                resolve_kv_config(method_kv_config(m, 0.5, q))
+            except KVConfigError as e:
+                if "unknown key 'kv_quant'" in str(e):
+                    raise SystemExit(f"--kv_quant {q}: the installed adaptive_kv_cache has no kv_quant option yet "
+                                     f"(issue 13's codecs are not merged); run without --kv_quant") from e
+                raise SystemExit(f"--kv_quant {q} with method {m}: {e}") from e
 
 
 def fixed_setting(base, hybrid: str, x: float, T: Optional[float]) -> Setting:
@@ -215,6 +302,42 @@ def replay_prefill(cache: KVCache, tokens: torch.Tensor, layers) -> None:
     cache.end()
 
 
+def check_replay(llama, setting: Setting, batch: "Batch") -> Dict:
+    """Whether replaying the recorded uncompressed prefill into this setting's cache equals running its prefill.
+
+    Replay makes exactly the cache calls `Transformer.forward` makes (append, the attention statistics the method
+    asks for, after_attention), so a method that compresses after attending (FastGen's profiling, SnapKV's
+    observation-window sums, H2O's and TOVA's attention, Razor's compensation token) sees the same inputs; what
+    replay cannot reproduce is a prefill whose activations depend on the cache (attention over already
+    compressed or quantised keys). One sequence and 16 decode steps, with and without replay: the chosen
+    policies (per-head budgets) and the decode logits must agree; the recorded prefill ran the dense cache's
+    SDPA kernel and a compressed prefill the tiled one that also returns statistics, so the logits agree to
+    float rounding (`REPLAY_TOL`).
+
+    Args:
+        setting: the compressed setting to check.
+        batch: a batch whose prefill was recorded (its first sequence is used).
+
+    Returns:
+        {setting, identical, same_policies, max_abs_logit_diff, ok, sequences, steps}.
+    """
+    b = sub_batch(batch, 1, min(batch.steps, 16))
+    outs, heads = [], []
+    for rp in (True, False):
+        got = []
+        run = Run(llama, setting, b, replay=rp)
+        run.replay = rp  # checked on its own terms, whatever the setting's flag says
+        run.teacher_force(lambda i, lg: got.append(lg.clone()))
+        outs.append(torch.stack(got))
+        heads.append(run.stats["heads"])
+    diff = float((outs[0] - outs[1]).abs().max())
+    same_policies = [[[h[0] for h in seq] for seq in layer] for layer in heads[0]] == \
+        [[[h[0] for h in seq] for seq in layer] for layer in heads[1]]
+    return {"setting": setting.name, "identical": bool(torch.equal(outs[0], outs[1])),
+            "same_policies": same_policies, "max_abs_logit_diff": diff,
+            "ok": same_policies and diff < REPLAY_TOL, "sequences": b.bsz, "steps": b.steps}
+
+
 @dataclass
 class Batch:
     """Sequences that run together: equal prompt lengths, equal numbers of decode steps."""
@@ -252,7 +375,8 @@ class Run:
 
     def __init__(self, llama, setting: Setting, batch: Batch, replay: bool, record: bool = False):
         self.llama, self.setting, self.batch = llama, setting, batch
-        self.replay, self.record = replay, record
+        # a method whose replay check failed runs its own prefill everywhere
+        self.replay, self.record = replay and setting.replay, record
         self.alloc: List[int] = []
         self.meta_bytes: List[int] = []
         self.exact: List[int] = []
@@ -262,7 +386,11 @@ class Run:
     @torch.inference_mode()
     def prefill(self):
         llama, b = self.llama, self.batch
-        llama.set_kv_config(self.setting.config)
+        if getattr(llama, "_quality_config", llama) is not self.setting.config:
+            # binding a config runs its method's preparation (FastGen's token classes over the vocabulary,
+            # Razor's retrieval-head probe): once per setting, not once per batch
+            llama.set_kv_config(self.setting.config)
+            llama._quality_config = self.setting.config
         self.cache = llama.new_cache(b.prompts, b.prompt_len + b.steps)
         x = b.tokens[:, : b.prompt_len]
         if self.record:
@@ -744,7 +872,8 @@ def memory_pass(llama, setting: Setting, batches: Sequence[Batch], replay: bool)
 # output
 
 
-COLUMNS = ["name", "kind", "T", "policy", "ratio", "r_l", "r_f", "kv_bytes_mean", "kv_bytes_peak", "mem_ratio",
+COLUMNS = ["name", "kind", "T", "policy", "ratio", "method", "budget", "kv_quant",
+           "r_l", "r_f", "kv_bytes_mean", "kv_bytes_peak", "mem_ratio",
            "peak_ratio", "mem_ratio_exact", "metadata_bytes_mean", "mem_ratio_incl_metadata", "ppl", "ppl_ratio",
            "ppl_ratio_lo", "ppl_ratio_hi", "top1_agreement", "top1_agreement_lo", "top1_agreement_hi", "kl_mean",
            "kl_mean_lo", "kl_mean_hi", "next_token_acc", "recovery_mean", "policy_mix", "greedy_prefix_mean",
@@ -766,6 +895,11 @@ def csv_row(row: Dict) -> Dict:
 
 
 def _group(r: Dict) -> str:
+    """The curve a row belongs to: a method (with its codec) over budgets, FastGen over T, a baseline."""
+    if r["kind"] in ("method", "quant"):
+        if r.get("method") == "fastgen":  # a codec on FastGen: its own curve over T (alone: at T = 1)
+            return f"FastGen {r['kv_quant']}"
+        return " ".join(x for x in (r.get("method"), r.get("kv_quant")) if x)
     return {"fastgen": "FastGen", "fixed": r.get("policy"), "uncompressed": "uncompressed"}.get(r["kind"], r["name"])
 
 
@@ -871,8 +1005,29 @@ def parse_args(argv=None):
                    help="k: decode steps between evictions, for FastGen and the baselines (default: shipped config)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME=CONFIG",
                    help="an extra row: a kv config as a JSON file or inline JSON object (repeatable)")
-    p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
-                   help="fixed hybrids matched to FastGen's memory at each T < 1 (none: no baselines)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="registered methods of the comparison, each at every --budgets share and at FastGen's "
+                        "memory at each T < 1 (default: every registered method; --quick: streaming_llm snapkv); "
+                        "fastgen's own rows are its --T")
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help=f"kept shares of the cache the methods run at ({FULL['budgets']}; --quick "
+                        f"{QUICK['budgets']})")
+    p.add_argument("--no_methods", action="store_true", help="no method rows (FastGen and the baselines only)")
+    p.add_argument("--method_T", type=float, nargs="*", default=None,
+                   help=f"FastGen thresholds (of --T, < 1) whose memory the methods are matched to ({FULL['method_T']};"
+                        f" --quick: every T < 1; none: no matched rows)")
+    p.add_argument("--no_method_match", action="store_true", help="the same as --method_T with no value")
+    p.add_argument("--head_scores", default=None, metavar="JSON",
+                   help="HeadKV's head scores (scripts/score_heads.py --out); default: head_scores.json next to the "
+                        "checkpoint, without which headkv is left out")
+    p.add_argument("--kv_quant", nargs="+", default=[], metavar="CODEC",
+                   help="codecs (issue 13: int8, int4): a row for each alone (FastGen at T = 1, which keeps every "
+                        "token) and combined with each of --quant_methods at every budget")
+    p.add_argument("--quant_methods", nargs="*", default=["fastgen", "snapkv"], metavar="NAME",
+                   help="methods combined with each codec (fastgen: at each T < 1; the others at --budgets)")
+    p.add_argument("--baselines", nargs="*", default=None,
+                   help=f"fixed hybrids matched to FastGen's memory at each T < 1 (none: no baselines; default: none "
+                        f"in the full run, {' '.join(DEFAULT_BASELINES)} with --quick)")
     p.add_argument("--match_tol", type=float, default=0.02, help="relative memory tolerance of the matching")
     p.add_argument("--match_windows", type=int, default=None,
                    help=f"windows the matching bisects on, then one evaluation on all ({FULL['match_windows']}; "
@@ -912,6 +1067,7 @@ def _opt(args, d: Dict, key: str):
 def _describe(s: Setting) -> Dict:
     cfg = s.config
     return {"name": s.name, "kind": s.kind, "T": s.T, "policy": s.policy, "ratio": s.ratio,
+            "method": s.method, "budget": s.budget, "kv_quant": s.kv_quant, "replay": s.replay,
             "r_l": getattr(cfg, "r_l", None), "r_f": getattr(cfg, "r_f", None),
             "config": cfg.to_dict() if cfg is not None else None}
 
@@ -926,6 +1082,48 @@ def _extra_settings(specs: Sequence[str]) -> List[Setting]:
             raise SystemExit(f"--setting {spec!r}: expected NAME=CONFIG (a JSON file or an inline JSON object)")
         out.append(config_setting(name, json.loads(cfg) if cfg.lstrip().startswith("{") else cfg))
     return out
+
+
+def _check_methods(names: Sequence[str], flag: str, allow_fastgen: bool) -> None:
+    from adaptive_kv_cache.registry import METHODS
+
+    bad = [n for n in names if n not in METHODS or (n == "fastgen" and not allow_fastgen)]
+    if bad:
+        allowed = [m for m in METHODS if allow_fastgen or m != "fastgen"]
+        raise SystemExit(f"{flag}: {', '.join(bad)} not allowed; registered methods: {', '.join(allowed)}"
+                         + ("" if allow_fastgen else " (fastgen's rows are its thresholds, --T)"))
+
+
+def _methods(args, d: Dict) -> Tuple[List[str], List[float]]:
+    """The methods and budget shares of the comparison, checked."""
+    from adaptive_kv_cache.registry import METHODS
+
+    budgets = [float(b) for b in _opt(args, d, "budgets")]
+    bad = [b for b in budgets if not 0.0 < b <= 1.0]
+    if bad:
+        raise SystemExit(f"--budgets: {', '.join(f'{b:g}' for b in bad)} outside (0, 1] (kept shares of the cache)")
+    if args.no_methods:
+        return [], budgets
+    methods = args.methods or d["methods"] or [m for m in METHODS if m != "fastgen"]
+    _check_methods(methods, "--methods", allow_fastgen=False)
+    return list(dict.fromkeys(methods)), budgets
+
+
+def _preparable(llama, methods: Sequence[str], opts: Dict[str, Dict]) -> Dict[str, str]:
+    """The methods that cannot run on this model, with the reason (HeadKV without its head scores file: run
+    scripts/score_heads.py first); the run goes on without them."""
+    from adaptive_kv_cache.config import KVConfigError
+
+    skipped = {}
+    for m in dict.fromkeys(methods):
+        try:
+            llama.set_kv_config(method_kv_config(m, 0.5, options=opts.get(m)))
+        except KVConfigError as e:
+            skipped[m] = str(e)
+            print(f"note: method {m} left out: {e}", file=sys.stderr)
+    llama.set_kv_config(None)
+    llama._quality_config = None  # what `Run.prefill` compares against
+    return skipped
 
 
 def main(argv=None) -> Dict:
@@ -961,6 +1159,18 @@ def main(argv=None) -> Dict:
     if over:
         base = base.replace(**over)
     extra = _extra_settings(args.setting)
+    methods, budgets = _methods(args, d)
+    args.baselines = _opt(args, d, "baselines")
+    method_T = _opt(args, d, "method_T")
+    method_T = None if method_T is None else [float(T) for T in method_T if float(T) in Ts or args.method_T]
+    bad_T = [T for T in (method_T or []) if T >= 1.0 or T not in Ts]
+    if bad_T:
+        raise SystemExit(f"--method_T: {', '.join(f'{T:g}' for T in bad_T)} not among the thresholds below 1 of --T "
+                         f"({', '.join(f'{T:g}' for T in Ts)})")
+    quant_methods = list(dict.fromkeys(args.quant_methods))
+    _check_methods(quant_methods, "--quant_methods", allow_fastgen=True)
+    if args.kv_quant:
+        check_kv_quant(args.kv_quant, quant_methods)
 
     t0 = _now()
     per_batch = max(1, args.max_batch_tokens // min(P + C, ctx))
@@ -972,6 +1182,17 @@ def main(argv=None) -> Dict:
     tok = llama.tokenizer
     bos = bos_prefix(tok, args.bos)
     stop = set(tok.stop_tokens) | ({tok.eos_id} if getattr(tok, "eos_id", -1) >= 0 else set())
+    opts = {"headkv": {"head_scores": args.head_scores}} if args.head_scores else {}
+    methods_skipped = _preparable(llama, methods + [m for m in quant_methods if args.kv_quant], opts)
+    methods = [m for m in methods if m not in methods_skipped]
+    quant_methods = [m for m in quant_methods if m not in methods_skipped]
+    method_settings = [method_setting(m, b, options=opts.get(m)) for m in methods for b in budgets]
+    for q in args.kv_quant:
+        method_settings.append(method_setting("fastgen", None, kv_quant=q))
+        method_settings += [method_setting(m, b, kv_quant=q, options=opts.get(m)) for m in quant_methods
+                            if m != "fastgen" for b in budgets]
+        if "fastgen" in quant_methods:
+            method_settings += [method_setting("fastgen", None, T=T, kv_quant=q) for T in Ts if T < 1.0]
 
     t0 = _now()
     batches: List[Batch] = []
@@ -991,6 +1212,8 @@ def main(argv=None) -> Dict:
     rows: List[Dict] = []
     settings: List[Setting] = []
     replay_check: Optional[Dict] = None
+    replay_checks: Dict[str, Dict] = {}  # per method (and codec): is the recorded prefill valid for it?
+    replay_ok: Dict[Tuple, bool] = {}
     task_out: Optional[Dict] = None
 
     # warm-up (first calls of some kernels are slow), so that the per-setting seconds are comparable
@@ -1016,6 +1239,9 @@ def main(argv=None) -> Dict:
             "fastgen_base_config": base.to_dict(),
             "replay": replay,
             "replay_check": replay_check,
+            "replay_checks": replay_checks,
+            "methods": methods, "budgets": budgets, "methods_skipped": methods_skipped,
+            "kv_quant": list(args.kv_quant), "quant_methods": quant_methods if args.kv_quant else [],
             "match_tol": args.match_tol, "match_windows": match_windows,
             "settings": rows,
             "tasks": task_out,
@@ -1033,8 +1259,8 @@ def main(argv=None) -> Dict:
 
     # --- teacher forcing: uncompressed, FastGen, extra settings -------------------------------------------------
     steps_per_pass = sum(b.steps for b in batches)
-    bar = progress(total=steps_per_pass * (1 + len(Ts) + len(extra)), desc="teacher forcing", unit="step",
-                   disable=not show)
+    bar = progress(total=steps_per_pass * (1 + len(Ts) + len(extra) + len(method_settings)),
+                   desc="teacher forcing", unit="step", disable=not show)
     t0 = _now()
     ref_setting = Setting("uncompressed", "uncompressed", None)
     fastgen_rows: Dict[float, Dict] = {}
@@ -1056,8 +1282,26 @@ def main(argv=None) -> Dict:
                                        **{f"{k}_ci": v for k, v in paired_bootstrap(r, a, N_BOOT, args.seed).items()}}
         return row
 
-    for s in [ref_setting] + [fastgen_setting(base, T) for T in Ts] + extra:
+    def check_method(s: Setting) -> None:
+        """Before a method's (and codec's) first row: is the recorded prefill valid for it? If not, every row
+        of it runs its own prefill."""
+        key = (s.method, s.kv_quant)
+        if replay and key not in replay_ok:
+            ts = _now()
+            chk = check_replay(llama, s, batches[0])
+            chk["cpu_seconds"] = _since(ts)[1]
+            replay_checks[" ".join(k for k in key if k)] = chk
+            replay_ok[key] = chk["ok"]
+            if not chk["ok"]:
+                print(f"note: replaying the recorded prefill into {s.name} does not equal its own prefill "
+                      f"(max |logit diff| {chk['max_abs_logit_diff']:.3g}); its rows run their own prefill",
+                      file=sys.stderr)
+        s.replay = replay_ok.get(key, True)
+
+    for s in [ref_setting] + [fastgen_setting(base, T) for T in Ts] + extra + method_settings:
         bar.set_postfix_str(s.name)
+        if s.method is not None:
+            check_method(s)
         ts = _now()
         row = {**_describe(s), **teacher_forced(llama, s, batches, replay, bar)}
         row["seconds"], row["cpu_seconds"] = _since(ts)
@@ -1086,7 +1330,10 @@ def main(argv=None) -> Dict:
         bar.update(1)
         return row
 
-    sub_target = {T: memory_pass(llama, fastgen_setting(base, T), sub, replay)["kv_bytes_mean"] for T in targets}
+    method_targets = [] if not methods or args.no_method_match else \
+        [T for T in Ts if T < 1.0] if method_T is None else method_T
+    sub_target = {T: memory_pass(llama, fastgen_setting(base, T), sub, replay)["kv_bytes_mean"]
+                  for T in dict.fromkeys(targets + method_targets)}
     matcher = Matcher(evaluate, iters, args.match_tol)
 
     def full(hybrid: str, x: float, T: float) -> Tuple[Setting, Dict, float]:
@@ -1119,27 +1366,54 @@ def main(argv=None) -> Dict:
     bar.close()
     timings["matching_baselines"], timings_cpu["matching_baselines"] = _since(t0)
 
+    # --- methods at FastGen's operating points: the budget whose memory equals FastGen's at each T < 1 --------
+    t0 = _now()
+    bar = progress(desc="matching methods", unit="pass", disable=not show,
+                   total=len(methods) * len(method_targets) * (iters + 3))
+    for m in methods:
+        for T in method_targets:
+            def evaluate(x: float, m=m, T=T) -> float:
+                s = method_setting(m, x, T, options=opts.get(m))
+                s.replay = replay_ok.get((m, None), True)
+                bar.set_postfix_str(s.name)
+                bar.update(1)
+                return memory_pass(llama, s, sub, replay)["kv_bytes_mean"]
+
+            x, info = secant_match(evaluate, sub_target[T], fastgen_rows[float(T)]["mem_ratio"], iters,
+                                   args.match_tol)
+
+            def full_row(x: float, m=m, T=T) -> Tuple[Setting, Dict, float]:
+                s = method_setting(m, x, T, options=opts.get(m))
+                s.replay = replay_ok.get((m, None), True)
+                ts = _now()
+                row = {**_describe(s), **teacher_forced(llama, s, batches, replay)}
+                row["seconds"], row["cpu_seconds"] = _since(ts)
+                bar.update(1)
+                return s, row, row["kv_bytes_mean"] / fastgen_rows[float(T)]["kv_bytes_mean"] - 1.0
+
+            s, row, rel = full_row(x)
+            info = {**info, "rel_error_all_windows_first": rel, "corrected": False}
+            x2 = corrected_ratio(x, row["kv_bytes_mean"], fastgen_rows[float(T)]["kv_bytes_mean"],
+                                 info["evaluations"]) if abs(rel) > args.match_tol else None
+            if x2 is not None:
+                s2, row2, rel2 = full_row(x2)
+                if abs(rel2) < abs(rel):
+                    s, row, rel = s2, row2, rel2
+                    info["corrected"] = True
+            info["rel_error_all_windows"] = rel
+            s.match = info
+            row.update(matched=abs(rel) <= args.match_tol, match_rel_error=rel, match=info)
+            settings.append(s)
+            rows.append(finish(row))
+            save(f"methods ({s.name})")
+    bar.close()
+    timings["matching_methods"], timings_cpu["matching_methods"] = _since(t0)
+
     # --- replay check -----------------------------------------------------------------------------------------
     t0 = _now()
     check_setting = next((s for s in settings if s.kind == "fastgen" and s.T < 1.0), None)
     if check_setting is not None:
-        # one sequence and 16 steps keep this cheap on big runs (the real prefill is the costly part)
-        b = sub_batch(batches[0], 1, min(batches[0].steps, 16))
-        outs, heads = [], []
-        for rp in (True, False):
-            got = []
-            run = Run(llama, check_setting, b, replay=rp)
-            run.teacher_force(lambda i, lg: got.append(lg.clone()))
-            outs.append(torch.stack(got))
-            heads.append(run.stats["heads"])
-        diff = float((outs[0] - outs[1]).abs().max())
-        # The recorded prefill ran the uncompressed cache's kernel (SDPA), a real FastGen prefill the tiled one
-        # that also returns statistics: the activations agree to float rounding, the decisions must be equal.
-        same_policies = [[[h[0] for h in seq] for seq in layer] for layer in heads[0]] == \
-            [[[h[0] for h in seq] for seq in layer] for layer in heads[1]]
-        replay_check = {"setting": check_setting.name, "identical": bool(torch.equal(outs[0], outs[1])),
-                        "same_policies": same_policies, "max_abs_logit_diff": diff,
-                        "ok": same_policies and diff < REPLAY_TOL, "sequences": b.bsz, "steps": b.steps}
+        replay_check = check_replay(llama, check_setting, batches[0])
     timings["replay_check"], timings_cpu["replay_check"] = _since(t0)
 
     # --- greedy agreement -------------------------------------------------------------------------------------
@@ -1169,6 +1443,10 @@ def main(argv=None) -> Dict:
     result = save("done")
     if not args.no_plot:
         plot(result, out / "quality.png")
+        if methods or args.kv_quant:  # every method against memory, without the fixed baselines' curves
+            from benchmarks.tables import comparison_plot
+
+            comparison_plot(result, out / "quality_methods.png")
     print(f"\nquality: {ckpt.name}, P={P}, C={C}, {len(window_texts)} windows, G={G}; {timings['total']:.1f} s; "
           f"outputs in {out}")
     print_table(rows)
@@ -1209,6 +1487,46 @@ def corrected_ratio(x: float, mem_all: float, target_all: float,
     if slope <= 0:
         return None
     return min(max(x + (target_all - mem_all) / slope, Matcher.LO), Matcher.HI)
+
+
+def secant_match(evaluate, target: float, x0: float, iters: int, tol: float) -> Tuple[float, Dict]:
+    """The budget share x of a method whose mean allocated KV bytes equal a target.
+
+    A method's memory is close to affine in its budget (floor(x * prompt) tokens per head, plus the decode
+    tokens), so a proportional step from a good first guess and then secant steps converge in one or two
+    evaluations, where the baselines' bracketing (`Matcher`) spends two on the ends of [1e-3, 1].
+
+    Args:
+        evaluate: x -> mean allocated bytes.
+        target: the bytes to match.
+        x0: the first guess (FastGen's memory ratio at the target).
+        iters: evaluations after the first.
+        tol: relative tolerance.
+
+    Returns:
+        the best evaluated x and {target_bytes, rel_error, matched, evaluations [(x, bytes)]} (as `Matcher`).
+    """
+    clamp = lambda x: min(max(x, Matcher.LO), Matcher.HI)  # noqa: E731
+    rel = lambda v: abs(v / target - 1.0)  # noqa: E731
+    tried: List[Tuple[float, float]] = []
+    x = clamp(x0)
+    for _ in range(iters + 1):
+        m = evaluate(x)
+        tried.append((x, m))
+        if rel(m) <= tol:
+            break
+        if len(tried) == 1 or tried[-1][1] == tried[-2][1]:
+            nxt = x * target / m if m > 0 else Matcher.HI
+        else:
+            (x1, m1), (x2, m2) = tried[-2], tried[-1]
+            nxt = x2 + (target - m2) * (x2 - x1) / (m2 - m1)
+        nxt = clamp(nxt)
+        if any(abs(nxt - t) < 1e-9 for t, _ in tried):
+            break
+        x = nxt
+    x, m = min(tried, key=lambda t: (rel(t[1]), t[0]))
+    return x, {"target_bytes": target, "rel_error": m / target - 1.0, "matched": rel(m) <= tol,
+               "evaluations": tried}
 
 
 def match_subset(batches: Sequence[Batch], window_texts: Sequence[str], k: Optional[int]) -> List[Batch]:

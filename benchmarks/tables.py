@@ -2,8 +2,10 @@
 
     python -m benchmarks.tables                       # benchmarks/results/quality.json and speed.json
     python -m benchmarks.tables --quality FILE --speed FILE
+    python -m benchmarks.tables --plot docs/figures/methods_smollm2.png   # and the comparison's plot
 
-Prints the tables to stdout; a missing or unfinished file is named on stderr and skipped.
+Prints the tables to stdout (with the methods' comparison when the run had method rows); a missing or unfinished
+file is named on stderr and skipped.
 """
 
 import argparse
@@ -123,6 +125,57 @@ def quality_tables(q: Dict) -> str:
     return "\n".join(out)
 
 
+def _point(r: Dict) -> str:
+    """The operating point of a comparison row: a budget share, FastGen's T (matched rows), or every token."""
+    if r["kind"] == "uncompressed" or (r.get("method") == "fastgen" and r.get("T") is None):
+        return "all tokens"
+    if r["kind"] == "fastgen" or r.get("T") is not None:
+        return f"FastGen T={r['T']:g}"
+    return f"budget {r['budget']:g}"
+
+
+def comparison_rows(q: Dict) -> List[Dict]:
+    """The rows of the methods' comparison in table order: every token (uncompressed, codecs alone), then each
+    budget share, then each FastGen operating point (FastGen first, then the methods matched to its memory);
+    run order inside a point. The fixed baselines stay in the main table."""
+    rows = [r for r in q["settings"] if r["kind"] in ("uncompressed", "method", "quant")
+            or (r["kind"] == "fastgen" and r["T"] < 1.0)]
+    points = list(dict.fromkeys(["all tokens"] + [f"budget {b:g}" for b in q.get("budgets") or []]
+                                + sorted({_point(r) for r in rows if r.get("T") is not None},
+                                         key=lambda p: -float(p.split("=")[1]))))
+    return [r for p in points for r in rows if _point(r) == p]
+
+
+def comparison_table(q: Dict) -> str:
+    """Method x operating point at equal kept memory: memory ratio, perplexity ratio, KL and top-1 agreement
+    with their 95% intervals, task accuracy and memory ratio on the task prompts."""
+    rows = comparison_rows(q)
+    out = ["Methods at equal kept memory (budget: kept share of each prompt; at a FastGen point the budget is "
+           "matched to FastGen's memory)"
+           + (f"; left out: {', '.join(q['methods_skipped'])} (see the JSON's methods_skipped)"
+              if q.get("methods_skipped") else "") + ":", "",
+           "| method | operating point | budget | mem ratio | ppl ratio | KL | top-1 | task accuracy | "
+           "task mem ratio |",
+           "| --- |" + " --- |" * 8]
+    for r in rows:
+        if r["kind"] in ("method", "quant") and _point(r) != "all tokens":
+            name = " ".join(x for x in ("FastGen" if r["method"] == "fastgen" else r["method"], r.get("kv_quant")) if x)
+        else:
+            name = "FastGen" if r["kind"] == "fastgen" else r["name"]
+        out.append(f"| {name} | {_point(r)} | {_fmt(r.get('budget'), '.3f')} | {_fmt(r.get('mem_ratio'), '.3f')} | "
+                   f"{_ci(r, 'ppl_ratio', '.3f')} | {_ci(r, 'kl_mean', '.4f')} | {_ci(r, 'top1_agreement', '.3f')} | "
+                   f"{_fmt(r.get('task_accuracy'), '.2f')} | {_fmt(r.get('task_mem_ratio'), '.3f')} |")
+    return "\n".join(out)
+
+
+def comparison_plot(q: Dict, path: Path) -> None:
+    """Quality against KV memory ratio with every method (a curve per method over its budgets and matched
+    points, FastGen over T, codecs), 95% intervals as error bars; the fixed baselines are left out."""
+    from benchmarks.quality import plot
+
+    plot({**q, "settings": comparison_rows(q)}, Path(path))
+
+
 def speed_table(s: Dict) -> str:
     """The speed table: every setting's prefill and decode, with ratios to our dense cache and to the peer."""
     mach = s["machine"]
@@ -145,19 +198,31 @@ def speed_table(s: Dict) -> str:
     return "\n".join(out)
 
 
+def _quality_all(q: Dict) -> str:
+    """The quality tables, then the comparison when the run has method rows."""
+    if any(r["kind"] in ("method", "quant") for r in q["settings"]):
+        return quality_tables(q) + "\n\n" + comparison_table(q)
+    return quality_tables(q)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n")[0])
     p.add_argument("--quality", default=str(RESULTS_DIR / "quality.json"))
     p.add_argument("--speed", default=str(RESULTS_DIR / "speed.json"))
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the methods' comparison (quality against memory ratio) from --quality")
     args = p.parse_args(argv)
     shown = 0
-    for path, render in ((args.quality, quality_tables), (args.speed, speed_table)):
+    for path, render in ((args.quality, _quality_all), (args.speed, speed_table)):
         if not Path(path).is_file():
             print(f"{path}: not found (run the benchmark first)", file=sys.stderr)
             continue
         print(render(json.loads(Path(path).read_text())))
         print()
         shown += 1
+    if args.plot and Path(args.quality).is_file():
+        comparison_plot(json.loads(Path(args.quality).read_text()), Path(args.plot))
+        print(f"comparison plot: {args.plot}", file=sys.stderr)
     return 0 if shown else 1
 
 

@@ -26,6 +26,7 @@ ROW_FIELDS = {
     "kl_mean", "next_token_acc",
     "recovery_mean", "policy_mix", "greedy_prefix_mean", "greedy_prefix_frac", "greedy_identical", "rouge_l",
     "ci", "ci_by_text", "windows", "task_accuracy", "task_exact", "task_mem_ratio", "task_items",
+    "method", "budget", "kv_quant", "replay",
 }
 
 
@@ -53,13 +54,14 @@ def _rows(result):
 
 def test_quality_outputs(quality):
     out, result = quality
-    for name in ("quality.json", "quality.csv", "quality.png"):
+    for name in ("quality.json", "quality.csv", "quality.png", "quality_methods.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
     on_disk = json.loads((out / "quality.json").read_text())
     assert on_disk["complete"] and on_disk["settings"][0]["name"] == "uncompressed"
     for key in ("machine", "model", "prompt_len", "cont_len", "n_prompts", "gen_len", "tasks", "replay_check",
-                "timings_s", "texts", "window_texts", "bootstrap"):
+                "timings_s", "texts", "window_texts", "bootstrap", "methods", "budgets", "methods_skipped",
+                "replay_checks", "kv_quant", "quant_methods"):
         assert key in on_disk, key
     for row in on_disk["settings"]:
         missing = ROW_FIELDS - set(row)
@@ -70,7 +72,7 @@ def test_quality_outputs(quality):
     assert {"mem_ratio", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "top1_agreement", "kl_mean", "kl_mean_hi",
             "policy_mix", "rouge_l", "task_accuracy", "task_mem_ratio"} <= set(rows[0])
     kinds = {r["kind"] for r in on_disk["settings"]}
-    assert kinds == {"uncompressed", "fastgen", "fixed"}
+    assert kinds == {"uncompressed", "fastgen", "fixed", "method"}
     assert [r["name"] for r in on_disk["settings"] if r["kind"] == "fastgen"] == [
         "fastgen T=1", "fastgen T=0.95", "fastgen T=0.9"]
     # two kinds of text, the same number of windows from each; every window scored cont_len tokens
@@ -171,6 +173,122 @@ def test_quality_tasks_and_replay(quality):
     # same decode logits up to the rounding of the two prefill kernels
     check = result["replay_check"]
     assert check["ok"] and check["same_policies"] and check["max_abs_logit_diff"] < 1e-3, check
+
+
+def test_quality_methods_at_budgets_and_fastgen_points(quality):
+    """Every method of --quick at each budget share (memory between what the prompt budget alone and the prompt
+    budget plus every decode token allocate) and matched to FastGen's memory at each T < 1, with intervals and
+    task rows."""
+    _, result = quality
+    rows = _rows(result)
+    P, C = result["prompt_len"], result["cont_len"]
+    methods, budgets = result["methods"], result["budgets"]
+    assert methods == ["streaming_llm", "snapkv"] and budgets == [0.5, 0.25] and result["methods_skipped"] == {}
+    for m in methods:
+        for b in budgets:
+            r = rows[f"{m} b={b:g}"]
+            assert (r["kind"], r["method"], r["budget"], r["config"]["budget"]) == ("method", m, b, b)
+            # a segment keeps floor(b P) prompt tokens plus at most the C decode tokens; the dense cache holds
+            # P + C; the packed store's growth slack stays under 3% of it
+            assert b * P / (P + C) - 1e-9 <= r["mem_ratio"] <= (b * P + C) / (P + C) + 0.03, (r["name"], r["mem_ratio"])
+            assert abs(r["mem_ratio"] - b) <= 0.08
+            lo, hi = r["ci"]["ppl_ratio"]
+            assert lo <= r["ppl_ratio"] <= hi and r["ci"]["kl_mean"][0] >= 0.0
+            assert r["task_items"] == rows["uncompressed"]["task_items"] > 0
+            assert r["task_mem_ratio"] < 1.0 and r["replay"] is True
+        fastgen = {r["T"]: r for r in result["settings"] if r["kind"] == "fastgen" and r["T"] < 1.0}
+        for T, fg in fastgen.items():
+            r = rows[f"{m} @T={T:g}"]
+            assert r["T"] == T and 0.0 < r["budget"] < 1.0 and r["config"]["budget"] == r["budget"]
+            assert r["matched"] and abs(r["kv_bytes_mean"] / fg["kv_bytes_mean"] - 1.0) <= result["match_tol"]
+            assert r["match"]["evaluations"] and r["match_rel_error"] == r["match"]["rel_error_all_windows"]
+    # the recorded prefill is valid for each method: same per-head budgets, logits within float rounding
+    assert set(result["replay_checks"]) == set(methods)
+    for m, chk in result["replay_checks"].items():
+        assert chk["ok"] and chk["same_policies"] and chk["setting"] == f"{m} b={budgets[0]:g}", chk
+
+
+def test_quality_budget_one_is_uncompressed(tmp_path):
+    """Every registered method at budget 1 keeps every token: the uncompressed rows exactly, teacher forcing,
+    greedy text and every task reply. C = 15 stays below evict_every (16): methods that evict during decoding
+    cap a segment at budget x its prompt, so at the first eviction they would drop decode tokens even at 1."""
+    from adaptive_kv_cache.registry import METHODS
+    from benchmarks import quality
+
+    methods = [m for m in METHODS if m not in ("fastgen", "headkv")]  # headkv needs a head scores file
+    result = quality.main(["--quick", "--out", str(tmp_path), "--no_progress", "--no_plot", "--baselines",
+                           "--T", "1", "--gen_len", "15", "--cont_len", "15", "--tasks", "single_needle",
+                           "multi_key", "--lengths", "320", "--budgets", "1.0", "--methods", *methods,
+                           "--no_method_match"])
+    rows = _rows(result)
+    ref = rows["uncompressed"]
+    tasks = result["tasks"]["settings"]
+    assert [r["name"] for r in result["settings"]] == ["uncompressed", "fastgen T=1"] + [f"{m} b=1" for m in methods]
+    for m in methods:
+        r = rows[f"{m} b=1"]
+        assert tasks[r["name"]]["items"] == tasks["uncompressed"]["items"], m
+        assert r["greedy_identical"] == 1.0 and r["top1_agreement"] == 1.0, m
+        if m == "h2o":
+            # its decode steps ask attention for column sums: the kernel with statistics rounds differently
+            assert abs(r["ppl_ratio"] - 1.0) < 1e-6 and r["kl_mean"] < 1e-9  # float32 logits
+            continue
+        assert r["ppl"] == ref["ppl"] and r["windows"]["nll"] == ref["windows"]["nll"], m
+        assert r["kl_mean"] == 0.0 and r["ci"] == ref["ci"], m
+
+
+def test_quality_kv_quant_rows_or_clear_error(tmp_path):
+    """--kv_quant adds a codec-alone row and the codec with each --quant_methods; before issue 13's codecs are
+    merged the run stops at once with one line saying so."""
+    from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
+    from benchmarks import quality
+
+    argv = ["--quick", "--out", str(tmp_path), "--no_progress", "--no_plot", "--baselines", "--T", "1", "0.9",
+            "--gen_len", "0", "--tasks", "single_needle", "--lengths", "320", "--no_methods", "--budgets", "0.5",
+            "--kv_quant", "int8", "--quant_methods", "fastgen", "snapkv"]
+    try:
+        resolve_kv_config({"method": "snapkv", "kv_quant": "int8"})
+    except KVConfigError:
+        with pytest.raises(SystemExit, match=r"^--kv_quant int8: the installed adaptive_kv_cache has no kv_quant "):
+            quality.main(argv)
+        return
+    result = quality.main(argv)
+    rows = _rows(result)
+    for name in ("int8 alone", "snapkv int8 b=0.5", "fastgen T=0.9 int8"):
+        assert rows[name]["kind"] == "quant" and rows[name]["kv_quant"] == "int8", name
+        assert rows[name]["config"]["kv_quant"] == "int8" and rows[name]["mem_ratio"] < 1.0, name
+    assert rows["int8 alone"]["config"]["T"] == 1.0
+
+
+def test_quality_method_flags_fail_clearly():
+    from benchmarks import quality
+
+    with pytest.raises(SystemExit, match="--methods: nosuch not allowed; registered methods: streaming_llm"):
+        quality.main(["--quick", "--methods", "nosuch"])
+    with pytest.raises(SystemExit, match="--methods: fastgen not allowed.*its thresholds, --T"):
+        quality.main(["--quick", "--methods", "fastgen"])
+    with pytest.raises(SystemExit, match=r"--budgets: 1.5 outside \(0, 1\]"):
+        quality.main(["--quick", "--budgets", "0.5", "1.5"])
+    with pytest.raises(SystemExit, match=r"--method_T: 0.8, 1 not among the thresholds below 1 of --T "
+                                         r"\(1, 0.95, 0.9\)"):
+        quality.main(["--quick", "--method_T", "0.95", "0.8", "1"])
+
+
+def test_secant_match():
+    """Memory affine in the budget (m = 100 + 1000 x): the proportional first step misses, the secant lands."""
+    from benchmarks.quality import secant_match
+
+    calls = []
+
+    def mem(x):
+        calls.append(x)
+        return 100.0 + 1000.0 * x
+
+    x, info = secant_match(mem, 600.0, 0.6, iters=3, tol=1e-6)
+    assert x == pytest.approx(0.5) and info["matched"] and len(calls) == 3
+    assert calls[:2] == [0.6, pytest.approx(0.6 * 600.0 / 700.0)]
+    assert info["evaluations"][-1] == (x, pytest.approx(600.0))
+    x, info = secant_match(mem, 1e6, 0.5, iters=3, tol=0.01)  # out of reach: the best is the top of the range
+    assert x == 1.0 and not info["matched"]
 
 
 def test_quality_task_calibration_drops_cells(tmp_path):
@@ -345,6 +463,23 @@ def test_tables_render_the_results(quality, speed):
     L = q["tasks"]["lengths"][0]
     cell = " | ".join(f"{acc['by_cell'][f'{t}@{L}']:.2f}" for t in q["tasks"]["tasks"])
     assert f"| fastgen T=0.95 | {acc['by_length'][str(L)]:.2f} | {cell} |" in md
+    # the methods' comparison: uncompressed, each budget share, then each FastGen point with its matched methods
+    cmp = tables.comparison_table(q).splitlines()
+    body = [ln for ln in cmp if ln.startswith("| ") and not ln.startswith("| method") and "---" not in ln]
+    Ts = [r["T"] for r in q["settings"] if r["kind"] == "fastgen" and r["T"] < 1.0]
+    n_methods = len(q["methods"])
+    assert len(body) == 1 + n_methods * len(q["budgets"]) + len(Ts) * (1 + n_methods)
+    assert [ln.split(" | ")[1] for ln in body] == ["all tokens"] + [f"budget {b:g}" for b in q["budgets"]
+                                                                    for _ in range(n_methods)] \
+        + [f"FastGen T={T:g}" for T in sorted(Ts, reverse=True) for _ in range(1 + n_methods)]
+    sn = _rows(q)["snapkv b=0.25"]
+    lo, hi = sn["ci"]["kl_mean"]
+    assert (f"| snapkv | budget 0.25 | 0.250 | {sn['mem_ratio']:.3f} | {sn['ppl_ratio']:.3f} "
+            f"[{sn['ci']['ppl_ratio'][0]:.3f}, {sn['ci']['ppl_ratio'][1]:.3f}] | "
+            f"{sn['kl_mean']:.4f} [{lo:.4f}, {hi:.4f}] |"
+            in tables.comparison_table(q))
+    assert tables.comparison_table(q) in tables._quality_all(q)
+    assert (q_out / "quality_methods.png").stat().st_size > 0
     sp = tables.speed_table(json.loads((s_out / "speed.json").read_text()))
     body = [ln for ln in sp.splitlines() if ln.startswith("| ") and not ln.startswith("| model") and "---" not in ln]
     assert len(body) == len(s["rows"])  # one row per (model, context, setting)
