@@ -184,7 +184,7 @@ class PackedStore:
                 v = values.get(name)
                 self._dtype[name] = dtype or v.dtype
                 self._row_shape[name] = tuple(v.shape[1:]) if v is not None else ()
-            self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(0, s + min_free)]), [0],
+            self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(s, min_free)]), [0],
                           self.lengths)
         elif not self.has_room(s):
             self._regroup([None] * len(self.groups), self.lengths, s + min_free)
