@@ -103,7 +103,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -1348,18 +1348,8 @@ def main(argv=None) -> Dict:
     for hybrid in args.baselines:
         for T in targets:
             x, _, info = matcher.match(hybrid, sub_target[T])
-            s, row, rel = full(hybrid, x, T)
-            info = {**info, "rel_error_all_windows_first": rel, "corrected": False}
-            x2 = corrected_ratio(x, row["kv_bytes_mean"], fastgen_rows[float(T)]["kv_bytes_mean"],
-                                 info["evaluations"]) if abs(rel) > args.match_tol else None
-            if x2 is not None:  # the subset misjudged all windows: one secant step on them, keep the better
-                s2, row2, rel2 = full(hybrid, x2, T)
-                if abs(rel2) < abs(rel):
-                    s, row, rel = s2, row2, rel2
-                    info["corrected"] = True
-            info["rel_error_all_windows"] = rel
-            s.match = info
-            row.update(matched=abs(rel) <= args.match_tol, match_rel_error=rel, match=info)
+            s, row = confirm_match(lambda r, hybrid=hybrid, T=T: full(hybrid, r, T), x, info,
+                                   fastgen_rows[float(T)]["kv_bytes_mean"], args.match_tol)
             settings.append(s)
             rows.append(finish(row))
             save(f"baselines ({s.name})")
@@ -1391,18 +1381,7 @@ def main(argv=None) -> Dict:
                 bar.update(1)
                 return s, row, row["kv_bytes_mean"] / fastgen_rows[float(T)]["kv_bytes_mean"] - 1.0
 
-            s, row, rel = full_row(x)
-            info = {**info, "rel_error_all_windows_first": rel, "corrected": False}
-            x2 = corrected_ratio(x, row["kv_bytes_mean"], fastgen_rows[float(T)]["kv_bytes_mean"],
-                                 info["evaluations"]) if abs(rel) > args.match_tol else None
-            if x2 is not None:
-                s2, row2, rel2 = full_row(x2)
-                if abs(rel2) < abs(rel):
-                    s, row, rel = s2, row2, rel2
-                    info["corrected"] = True
-            info["rel_error_all_windows"] = rel
-            s.match = info
-            row.update(matched=abs(rel) <= args.match_tol, match_rel_error=rel, match=info)
+            s, row = confirm_match(full_row, x, info, fastgen_rows[float(T)]["kv_bytes_mean"], args.match_tol)
             settings.append(s)
             rows.append(finish(row))
             save(f"methods ({s.name})")
@@ -1488,6 +1467,34 @@ def corrected_ratio(x: float, mem_all: float, target_all: float,
         return None
     return min(max(x + (target_all - mem_all) / slope, Matcher.LO), Matcher.HI)
 
+
+
+def confirm_match(run: Callable[[float], Tuple["Setting", Dict, float]], x: float, info: Dict,
+                  target_bytes: float, tol: float) -> Tuple["Setting", Dict]:
+    """Runs the ratio or budget `x` matched on the subset on all windows; where its memory misses the target by
+    more than `tol`, one secant step on all windows (`corrected_ratio`), keeping the closer of the two.
+
+    Args:
+        run: x -> (setting, row, relative memory error against the target) on all windows.
+        x: the value matched on the subset; info: the subset match's record (with "evaluations").
+        target_bytes: the memory to match (FastGen's mean KV bytes at the same T).
+        tol: relative error accepted.
+
+    Returns:
+        (setting, row), the row recording the match (matched, match_rel_error, match).
+    """
+    s, row, rel = run(x)
+    info = {**info, "rel_error_all_windows_first": rel, "corrected": False}
+    x2 = corrected_ratio(x, row["kv_bytes_mean"], target_bytes, info["evaluations"]) if abs(rel) > tol else None
+    if x2 is not None:  # the subset misjudged all windows: one secant step on them, keep the better
+        s2, row2, rel2 = run(x2)
+        if abs(rel2) < abs(rel):
+            s, row, rel = s2, row2, rel2
+            info["corrected"] = True
+    info["rel_error_all_windows"] = rel
+    s.match = info
+    row.update(matched=abs(rel) <= tol, match_rel_error=rel, match=info)
+    return s, row
 
 def secant_match(evaluate, target: float, x0: float, iters: int, tol: float) -> Tuple[float, Dict]:
     """The budget share x of a method whose mean allocated KV bytes equal a target.
