@@ -1336,14 +1336,17 @@ def main(argv=None) -> Dict:
                   for T in dict.fromkeys(targets + method_targets)}
     matcher = Matcher(evaluate, iters, args.match_tol)
 
-    def full(hybrid: str, x: float, T: float) -> Tuple[Setting, Dict, float]:
-        """The baseline at ratio x on every window, and its relative memory error against FastGen at T."""
-        s = fixed_setting(base, hybrid, x, T)
+    def on_all_windows(s: Setting, T: float) -> Tuple[Setting, Dict, float]:
+        """Setting s on every window, and its relative memory error against FastGen at T."""
         ts = _now()
         row = {**_describe(s), **teacher_forced(llama, s, batches, replay)}
         row["seconds"], row["cpu_seconds"] = _since(ts)
         bar.update(1)
         return s, row, row["kv_bytes_mean"] / fastgen_rows[float(T)]["kv_bytes_mean"] - 1.0
+
+    def full(hybrid: str, x: float, T: float) -> Tuple[Setting, Dict, float]:
+        """The baseline at ratio x on every window."""
+        return on_all_windows(fixed_setting(base, hybrid, x, T), T)
 
     for hybrid in args.baselines:
         for T in targets:
@@ -1375,11 +1378,7 @@ def main(argv=None) -> Dict:
             def full_row(x: float, m=m, T=T) -> Tuple[Setting, Dict, float]:
                 s = method_setting(m, x, T, options=opts.get(m))
                 s.replay = replay_ok.get((m, None), True)
-                ts = _now()
-                row = {**_describe(s), **teacher_forced(llama, s, batches, replay)}
-                row["seconds"], row["cpu_seconds"] = _since(ts)
-                bar.update(1)
-                return s, row, row["kv_bytes_mean"] / fastgen_rows[float(T)]["kv_bytes_mean"] - 1.0
+                return on_all_windows(s, T)
 
             s, row = confirm_match(full_row, x, info, fastgen_rows[float(T)]["kv_bytes_mean"], args.match_tol)
             settings.append(s)

@@ -11,6 +11,7 @@ from adaptive_kv_cache.compressed import CompressedCache
 from adaptive_kv_cache.fastgen import FastGen, FastGenCache
 from adaptive_kv_cache.report import write_logs
 from adaptive_kv_cache.tokens import special_mask
+from cuda_checks import assert_steady_decode_never_synchronises
 from fastgen_reference import MaskedFastGenCache
 from llama import Llama
 from llama.attention import EMPTY_POS, DenseView, PackedView, attend
@@ -427,17 +428,4 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir):
     """Steady-state decode (no prompt ending, no eviction due) issues no host-device synchronisation."""
     g = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), 256, 1, device="cuda",
                     kv_config={"T": 0.9, "evict_every": 8})
-    tokens = torch.tensor([story_tokens(g, 80)], device="cuda")
-    cache = g.new_cache([tokens[0, :60].tolist()], 80)
-    g.model.forward(tokens[:, :60], 0, cache)
-    for pos in range(60, 62):  # up to just after an eviction
-        g.model.forward(tokens[:, pos : pos + 1], pos, cache)
-    # the passes before the next eviction (an eviction reads the new lengths back to the host, by design)
-    stop = 62 + cache.evict_every - 1 - cache.steps_since_compaction
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for pos in range(62, stop):
-            g.model.forward(tokens[:, pos : pos + 1], pos, cache)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert stop > 63 and cache.steps_since_compaction == cache.evict_every - 1  # several passes, none evicted
+    assert_steady_decode_never_synchronises(g, story_tokens(g, 80))

@@ -12,6 +12,7 @@ from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
 from adaptive_kv_cache.registry import CONFIG_DIR, METHODS, defaults, load_method_config, method_class
 from llama import Llama
 from llama.attention import EMPTY_POS
+from cuda_checks import assert_steady_decode_never_synchronises
 from methods_reference import MaskedMethodCache, budget_of, headkv_split, pyramid
 
 NAMES = [m for m in METHODS if m != "fastgen"]
@@ -464,17 +465,4 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir, nam
     """Steady-state decode (no prompt ending, no eviction due) issues no host-device synchronisation."""
     g = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), 256, 1, device="cuda")
     g = compressed(g, config(name, evict_every=8))
-    tokens = torch.tensor([story_tokens(g, 80)], device="cuda")
-    cache = g.new_cache([tokens[0, :60].tolist()], 80)
-    g.model.forward(tokens[:, :60], 0, cache)
-    for pos in range(60, 62):
-        g.model.forward(tokens[:, pos : pos + 1], pos, cache)
-    # the prompt's end compacted; the passes before the next eviction do not (k = 8: up to position 66)
-    stop = 62 + cache.evict_every - 1 - cache.steps_since_compaction
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for pos in range(62, stop):
-            g.model.forward(tokens[:, pos : pos + 1], pos, cache)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert stop > 63 and cache.steps_since_compaction == cache.evict_every - 1  # several passes, none evicted
+    assert_steady_decode_never_synchronises(g, story_tokens(g, 80))
