@@ -12,6 +12,7 @@ from adaptive_kv_cache.config import KVConfigError, resolve_kv_config
 from adaptive_kv_cache.registry import CONFIG_DIR, METHODS, defaults, load_method_config, method_class
 from llama import Llama
 from llama.attention import EMPTY_POS
+from llama.tokenizer import load_tokenizer
 from cuda_checks import assert_steady_decode_never_synchronises
 from methods_reference import MaskedMethodCache, budget_of, headkv_split, pyramid
 
@@ -452,11 +453,34 @@ def test_score_heads_script_writes_scores_next_to_the_checkpoint(dist, tiny_ckpt
     spec = importlib.util.spec_from_file_location("score_heads", Path(__file__).parents[1] / "scripts" / "score_heads.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--ckpt_dir", str(tiny_ckpt_dir), "--lengths", "64", "--depths", "0.5", "--trials", "2",
+    out = mod.main(["--ckpt_dir", str(tiny_ckpt_dir), "--lengths", "320", "--depths", "0.5", "--trials", "1",
                     "--out", str(tmp_path / "s.json")])
     d = json.loads(out.read_text())
     assert d["items"] == 2 and len(d["scores"]) == 2 and all(len(r) == 2 for r in d["scores"])
     assert all(0 <= x <= 1 for r in d["scores"] for x in r) and sum(map(sum, d["scores"])) > 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "bytes"])
+def test_token_span_finds_the_planted_fact(stories_dir, tokenizer):
+    """The span covers exactly the fact's tokens, whatever the neighbours merged into (hand-built prompts)."""
+    from adaptive_kv_cache.methods.headkv import token_span
+
+    class Bytes:  # one token per character: spans are character offsets
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    if tokenizer == "bytes":
+        tok, text = Bytes(), "ab. The code is 12. cd The code is 12."
+        ids = [ord(c) for c in text]
+        assert token_span(tok, ids, "The code is 12.") == (4, 19)
+    else:
+        tok = load_tokenizer(str(stories_dir / "tokenizer.model"))
+        before, fact, after = tok.encode("Once upon a time", False, False), tok.encode("Tom is 42.", False, False), \
+            tok.encode("They played.", False, False)
+        assert token_span(tok, before + fact + after, "Tom is 42.") == (len(before), len(before) + len(fact))
+    with pytest.raises(ValueError, match="not in the prompt"):
+        token_span(tok, ids if tokenizer == "bytes" else before + after, "The code is 13.")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,7 +1,8 @@
 """HeadKV (Fu et al., 2024) as budgets for any scoring method: heads that retrieve get more of the cache.
 
-Two parts. `needle_head_scores` (run by `scripts/score_heads.py`, once per model) plants a fact in filler text,
-asks for it, and scores every KV head by the attention its query heads (mean over the group) give to the
+Two parts. `needle_head_scores` (run by `scripts/score_heads.py`, once per model, on the needle tasks of
+`benchmarks/tasks.py` in the model's chat format) takes prompts with a planted fact that end where the answer
+starts, and scores every KV head by the attention its query heads (mean over the group) give to the
 fact's tokens from the queries that produce the answer, averaged over the trials answered right (all trials
 when none is: a model too small to retrieve); the scores go to `head_scores.json` next to the checkpoint.
 `{"method": "headkv", "scorer": NAME, ...}` is NAME's config with `budgets: headkv`: the model's whole budget
@@ -9,11 +10,12 @@ when none is: a model too small to retrieve); the scores go to `head_scores.json
 head's score (`adaptive_kv_cache/budgets.py`, `headkv_budgets`).
 """
 
+import bisect
+import itertools
 import json
 import math
-import random
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -73,86 +75,56 @@ class _NeedleProbe:
         self.inner.end()
 
 
-def _find(seq: List[int], sub: List[int]) -> int:
-    for i in range(len(seq) - len(sub) + 1):
-        if seq[i: i + len(sub)] == sub:
-            return i
-    return -1
+def token_span(tokenizer, ids: List[int], phrase: str) -> Tuple[int, int]:
+    """[start, end) of the tokens of `ids` whose decoded text holds the first occurrence of `phrase`.
 
+    Located through the decoded pieces' character offsets, not by encoding `phrase` alone: inside a prompt
+    its tokens can merge with their neighbours. Whitespace is left out of the comparison (a SentencePiece
+    piece decoded alone loses its leading space).
 
-#: Names and words of the planted facts ("<name>'s secret word is <word>.").
-NEEDLE_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Anna", "Tim", "Lucy", "Jack", "Emma"]
-NEEDLE_WORDS = ["apple", "kite", "frog", "drum", "boat", "hat", "star", "cake", "shoe", "bird", "lamp", "rock",
-                "moon", "sock", "bell", "leaf", "train", "horse", "cup", "tree"]
-
-
-def needle_items(tokenizer, stream: List[int], lengths, depths, trials: int, rng: random.Random,
-                 bos: List[int]) -> List[Dict]:
-    """Prompts with one planted fact each, and the question + answer continuations (what `needle_head_scores`
-    scores on; moved here from benchmarks/quality.py, whose retrieval rows became the tasks of issue 11).
-
-    Args:
-        tokenizer: the model's tokenizer.
-        stream: filler tokens, read from a random start (wrapping around).
-        lengths: prompt lengths in tokens; depths: where the fact sits, as a share of the filler, per length.
-        trials: facts per (length, depth).
-        rng: picks names, words and filler starts.
-        bos: tokens that open every prompt.
-
-    Returns:
-        one dict per prompt: length, depth, name, word, prompt, question, answer (the word's tokens), cont.
+    Raises:
+        ValueError: `phrase` is not in the decoded prompt.
     """
-    items = []
-    for L in lengths:
-        for d in depths:
-            for _ in range(trials):
-                name, word = rng.choice(NEEDLE_NAMES), rng.choice(NEEDLE_WORDS)
-                fact = tokenizer.encode(f" {name}'s secret word is {word}. ", bos=False, eos=False)
-                q_text = f"\nWhat is {name}'s secret word? {name}'s secret word is"
-                q = tokenizer.encode(q_text, bos=False, eos=False)
-                qa = tokenizer.encode(f"{q_text} {word}.", bos=False, eos=False)
-                if qa[: len(q)] != q:  # the answer merged into the question's last token: keep it whole
-                    q = qa[: len(q) - 1]
-                n_fill = L - len(bos) - len(fact)
-                if n_fill < 1:
-                    raise ValueError(f"retrieval length {L} is too short for the fact ({len(fact)} tokens)")
-                start = rng.randrange(len(stream))
-                fill = [stream[(start + i) % len(stream)] for i in range(n_fill)]
-                at = int(round(d * n_fill))
-                prompt = bos + fill[:at] + fact + fill[at:]
-                answer = qa[len(q):]
-                # the answer word: drop a trailing "." piece so that only the word itself is scored
-                dot = tokenizer.encode(f"{q_text} {word}", bos=False, eos=False)[len(q):]
-                if dot and dot == answer[: len(dot)]:
-                    answer = dot
-                items.append({"length": L, "depth": d, "name": name, "word": word, "prompt": prompt,
-                              "question": q, "answer": answer, "cont": qa[len(q):]})
-    return items
+    pieces = ["".join(tokenizer.decode([i]).split()) for i in ids]
+    text, phrase = "".join(pieces), "".join(phrase.split())
+    at = text.find(phrase)
+    if at < 0:
+        raise ValueError(f"{phrase!r} is not in the prompt")
+    ends = list(itertools.accumulate(len(x) for x in pieces))  # ends[i]: characters up to token i included
+    first = bisect.bisect_right(ends, at)
+    last = bisect.bisect_left(ends, at + len(phrase))
+    return first, last + 1
 
 
 @torch.inference_mode()
-def needle_head_scores(llama, items: List[Dict]) -> Dict:
-    """Scores every KV head on needle retrieval (items as `needle_items` makes them).
+def needle_head_scores(llama, items: List[Dict], progress: Callable = iter) -> Dict:
+    """Scores every KV head on needle retrieval.
+
+    Args:
+        llama: the model (`Llama`).
+        items: one dict per prompt: "prompt" (ids ending where the answer starts), "answer" (the answer's
+            ids), "span" ((start, end) of the fact's tokens in the prompt).
+        progress: wraps the items' iteration (e.g. tqdm).
 
     Returns:
-        {"scores": (n_layers x n_kv_heads) nested list, "correct": answered right, "items": tried}.
+        {"scores": (n_layers x n_kv_heads) nested list, "correct": answered right, "items": tried}: a head's
+        score is its query heads' mean attention on the span from the queries that predict the answer,
+        averaged over the items answered right (all items when none is).
     """
     from llama.kv_cache import DenseKVCache
 
-    model, tok = llama.model, llama.tokenizer
+    model = llama.model
     per_item, right = [], []
-    for it in items:
-        fact = tok.encode(f" {it['name']}'s secret word is {it['word']}. ", bos=False, eos=False)
-        at = _find(it["prompt"], fact)
-        L = len(it["prompt"])
-        cont = it["question"] + it["answer"]
-        rows = list(range(len(it["question"]) - 1, len(cont) - 1))  # the queries that predict the answer
-        probe = _NeedleProbe(DenseKVCache(model.params.n_layers, model.params.max_seq_len), (at, at + len(fact)),
+    for it in progress(items):
+        prompt, answer = list(it["prompt"]), list(it["answer"])
+        cont = prompt[-1:] + answer  # the last prompt token and the answer: their queries predict the answer
+        rows = list(range(len(answer)))
+        probe = _NeedleProbe(DenseKVCache(model.params.n_layers, model.params.max_seq_len), tuple(it["span"]),
                              rows)
-        model.forward(torch.tensor([it["prompt"]], device=llama.device), 0, probe, last_logits_only=True)
+        model.forward(torch.tensor([prompt[:-1]], device=llama.device), 0, probe, last_logits_only=True)
         probe.record = True
-        logits = model.forward(torch.tensor([cont], device=llama.device), L, probe)[0]
-        right.append(logits[rows].argmax(-1).tolist() == it["answer"])
+        logits = model.forward(torch.tensor([cont], device=llama.device), len(prompt) - 1, probe)[0]
+        right.append(logits[rows].argmax(-1).tolist() == answer)
         per_item.append(torch.stack([m.cpu() for m in probe.mass]))
     use = [m for m, r in zip(per_item, right) if r] or per_item
     scores = torch.stack(use).mean(0)
