@@ -145,6 +145,13 @@ class FastGenConfig:
     evict_every  k: decode steps between evictions; a head may hold up to k - 1 tokens beyond its policy
                  between them (k = 1: evict after every token, as the paper describes)
     kv_quant     how kept tokens are stored: none | int8 | int4 (adaptive_kv_cache/codecs.py)
+    obs_window   W >= 0: 0 is the paper (every prompt query counts); W > 0 profiles and ranks frequency on the
+                 attention of the prompt's last W queries (SnapKV's observation window, where a question sits)
+                 plus every generated query, and a hybrid's recovery is that attention's share on the keys
+                 it keeps when the prompt ends (an option of this project, not of the paper)
+    pool         odd >= 1: 1 is the paper; > 1 ranks the frequency policy's tokens by the best score among their
+                 `pool` nearest held tokens in position order (max pooling, as SnapKV's), so a multi-token value
+                 next to an attended token is kept whole (an option of this project)
     """
 
     T: float = 0.95
@@ -155,6 +162,8 @@ class FastGenConfig:
     gqa_aggregation: str = "mean"
     evict_every: int = 16
     kv_quant: str = "none"
+    obs_window: int = 0
+    pool: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -212,6 +221,10 @@ class FastGenConfig:
             _fail(f"gqa_aggregation={self.gqa_aggregation!r} is not allowed; allowed values: 'mean', 'max'")
 
         set_("evict_every", _check_int("evict_every", self.evict_every, 1))
+        set_("obs_window", _check_int("obs_window", self.obs_window, 0))
+        set_("pool", _check_int("pool", self.pool, 1))
+        if self.pool % 2 == 0:
+            _fail(f"pool={self.pool} must be odd (the pooled scores keep one value per token)")
 
         _check_kv_quant(self.kv_quant)
 
@@ -262,6 +275,8 @@ class FastGenConfig:
             "gqa_aggregation": self.gqa_aggregation,
             "evict_every": self.evict_every,
             "kv_quant": self.kv_quant,
+            "obs_window": self.obs_window,
+            "pool": self.pool,
         }
 
     @property

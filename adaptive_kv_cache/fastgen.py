@@ -6,6 +6,11 @@ profiler (`adaptive_kv_cache/profiler.py`, a pure function) picks for every segm
 recovering at least T of its attention, and the segment keeps what that hybrid keeps. During decoding every kept
 token keeps accumulating the attention it receives (frequent heads rank by it) and each compaction applies the
 segment's hybrid at the current length.
+
+`obs_window` = W > 0 (an option of this project) replaces the prompt's queries by its last W (the observation
+window, where a question sits): the column sums come from those queries only (`window_from`), recovery is their
+attention's share on what each hybrid keeps at the prompt's end, and frequency ranks by that attention plus
+every generated query's, per counted query.
 """
 
 import time
@@ -59,6 +64,7 @@ class FastGen(CompressionMethod):
         self.heat: Dict[int, torch.Tensor] = {}
         self.observe_seq: Optional[int] = None
         self.windows: List[int] = []
+        self.window_from: List[int] = []
         self._prompt_special: Optional[List[torch.Tensor]] = None
         self.profiling_seconds = 0.0  # wall time of the policy choice and the first compaction's keep masks
 
@@ -90,13 +96,22 @@ class FastGen(CompressionMethod):
         # local windows of the sequences still reading their prompt (0: no band sums for that sequence)
         self.windows = [int(self.local.window(torch.tensor(n))) if pend else 0
                         for n, pend in zip(cache.prompt_lens, cache.pending)]
+        # observation windows: the first query that counts (every query of a sequence that decodes)
+        self.window_from = [self._seen_from(n) if pend else 0 for n, pend in zip(cache.prompt_lens, cache.pending)]
         self.observe_seq = None
         if self.observer is not None and start_pos == 0 and any(cache.pass_.finishing):
             # heatmaps need the whole prompt's rows in one pass: the first sequence whose prompt ends in it
             self.observe_seq = cache.pass_.finishing.index(True)
         return {"cls": special.to(torch.uint8) * SPECIAL | self.classes.punct[tokens].to(torch.uint8) * PUNCT}
 
+    def _seen_from(self, prompt_len: int) -> int:
+        """The first prompt query whose attention counts (0 without an observation window)."""
+        return max(0, prompt_len - self.config.obs_window) if self.config.obs_window else 0
+
     def stats_request(self, cache: CompressedCache, layer_id: int) -> Optional[StatsRequest]:
+        if any(cache.pending) and self.config.obs_window:
+            return StatsRequest(window_from=self.window_from, gqa=self.config.gqa_aggregation,
+                                heatmap_seq=self.observe_seq)
         if any(cache.pending):
             return StatsRequest(band_windows=self.windows, gqa=self.config.gqa_aggregation,
                                 heatmap_seq=self.observe_seq)
@@ -121,7 +136,7 @@ class FastGen(CompressionMethod):
 
     def on_stats(self, cache: CompressedCache, layer_id: int, stats) -> None:
         store = cache.stores[layer_id]
-        for score, colsum in zip(store.field("score"), stats.colsum):
+        for score, colsum in zip(store.field("score"), stats.colsum if stats.window is None else stats.window):
             score += colsum
         if stats.band is not None:
             for band, b in zip(store.field("band"), stats.band):
@@ -133,6 +148,7 @@ class FastGen(CompressionMethod):
         """Per group of the layer's store, the statistics the policies read; n: (n_seg,) current lengths."""
         store = cache.stores[layer_id]
         lens = cache.per_segment(cache.prompt_lens)
+        seen = cache.per_segment([self._seen_from(n) for n in cache.prompt_lens]) if self.config.obs_window else None
         out = []
         for g, pos, cls, score in zip(store.groups, store.field("pos"), store.field("cls"), store.field("score")):
             out.append(TokenStats(
@@ -143,6 +159,7 @@ class FastGen(CompressionMethod):
                 score=score,
                 n=n[g.seg, None],
                 prompt_len=lens[g.seg, None],
+                seen_from=None if seen is None else seen[g.seg, None],
             ))
         return out
 
@@ -154,7 +171,8 @@ class FastGen(CompressionMethod):
         flags = self.candidate_flags.to(segments.device)
         # profiling looks at the prompt alone: keys and queries before L, n = L
         for g, stats, band in zip(store.groups, self._token_stats(cache, layer_id, lens), store.field("band")):
-            choice, recovery = profile(stats, band, self.candidates, self.config.T)
+            choice, recovery = profile(stats, None if self.config.obs_window else band, self.candidates,
+                                       self.config.T)
             fin = segments[g.seg]
             st["choice"][g.seg] = torch.where(fin, choice, st["choice"][g.seg])
             st["recovery"][g.seg] = torch.where(fin[:, None], recovery, st["recovery"][g.seg])

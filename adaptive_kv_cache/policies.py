@@ -8,9 +8,10 @@ All tensors are batched over leading dimensions: one row per (sequence, KV head)
 """
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -26,6 +27,8 @@ class TokenStats:
             aggregated over the query group).
         n: (..., 1) long, tokens seen so far (current length); queries that could see token j: n - j.
         prompt_len: (..., 1) long, prompt length L, which fixes the local window.
+        seen_from: (..., 1) long, the first query position `score` counts (an observation window's start:
+            the queries before it were not summed), or None: every query counts.
     """
 
     valid: torch.Tensor
@@ -35,10 +38,12 @@ class TokenStats:
     score: torch.Tensor
     n: torch.Tensor
     prompt_len: torch.Tensor
+    seen_from: Optional[torch.Tensor] = None
 
     def normalised_score(self) -> torch.Tensor:
-        """(..., S) accumulated attention divided by the number of queries that could see each token."""
-        return self.score / (self.n - self.pos).clamp(min=1)
+        """(..., S) accumulated attention divided by the number of counted queries that could see each token."""
+        first = self.pos if self.seen_from is None else torch.maximum(self.pos, self.seen_from)
+        return self.score / (self.n - first).clamp(min=1)
 
 
 def ceil_ratio(ratio: float, n: torch.Tensor) -> torch.Tensor:
@@ -85,15 +90,24 @@ class Local:
 
 @dataclass(frozen=True)
 class Frequent:
-    """The top ceil(r_f * n) tokens by normalised accumulated attention."""
+    """The top ceil(r_f * n) tokens by normalised accumulated attention.
+
+    `pool` > 1 (odd; an option of this project) ranks each token by the best score among its `pool` nearest
+    held tokens in position order (itself and pool // 2 on each side; every prompt position while the prompt is
+    profiled), so the neighbours of an attended token stay with it: a number spelt over several tokens is kept
+    whole (SnapKV's max pooling).
+    """
 
     r_f: float
+    pool: int = 1
     name = "frequent"
     windowed = False
 
     def __post_init__(self):
         if not 0.0 < self.r_f <= 1.0:
             raise ValueError(f"r_f={self.r_f} is outside the allowed range (0, 1]")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool={self.pool} must be an odd number >= 1")
 
     def keep(self, s: TokenStats) -> torch.Tensor:
         budget = ceil_ratio(self.r_f, s.n)  # (..., 1)
@@ -101,7 +115,12 @@ class Frequent:
         # Rank by descending score, ties towards the older token: sort by position first, then stably by score,
         # so the result does not depend on the order in which a packed cache holds its slots.
         by_pos = torch.argsort(s.pos, dim=-1, stable=True)
-        order = by_pos.gather(-1, torch.argsort(score.gather(-1, by_pos), dim=-1, descending=True, stable=True))
+        ranked = score.gather(-1, by_pos)
+        if self.pool > 1:  # empty slots sort last and score -inf: they lend nothing, and borrow nothing
+            flat = ranked.reshape(-1, 1, ranked.shape[-1])
+            pooled = F.max_pool1d(flat, self.pool, stride=1, padding=self.pool // 2).view_as(ranked)
+            ranked = pooled.masked_fill(~s.valid.gather(-1, by_pos), float("-inf"))
+        order = by_pos.gather(-1, torch.argsort(ranked, dim=-1, descending=True, stable=True))
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
                                                 .expand_as(order))
         return s.valid & (rank < budget)
@@ -121,7 +140,7 @@ POLICIES: Dict[str, object] = {
     "special": lambda cfg: Special(),
     "punct": lambda cfg: Punct(),
     "local": lambda cfg: Local(cfg.r_l),
-    "frequent": lambda cfg: Frequent(cfg.r_f),
+    "frequent": lambda cfg: Frequent(cfg.r_f, getattr(cfg, "pool", 1)),
     "full": lambda cfg: Full(),
 }
 BASIC_ORDER: Tuple[str, ...] = tuple(POLICIES)

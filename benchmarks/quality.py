@@ -1075,12 +1075,22 @@ def _describe(s: Setting) -> Dict:
 def _extra_settings(specs: Sequence[str]) -> List[Setting]:
     import json
 
+    from adaptive_kv_cache.config import KVConfigError
+
     out = []
     for spec in specs:
-        name, sep, cfg = spec.partition("=")
-        if not sep or not name or not cfg:
+        # an inline object starts at the first "={" (a name may hold "=", e.g. "T=0.9 w64"), a file after the
+        # first "="
+        at = spec.find("={")
+        name, sep, cfg = (spec[:at], "=", spec[at + 1:]) if at >= 0 else spec.partition("=")
+        if not sep or not name.strip() or not cfg:
             raise SystemExit(f"--setting {spec!r}: expected NAME=CONFIG (a JSON file or an inline JSON object)")
-        out.append(config_setting(name, json.loads(cfg) if cfg.lstrip().startswith("{") else cfg))
+        try:
+            out.append(config_setting(name.strip(), json.loads(cfg) if cfg.lstrip().startswith("{") else cfg))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--setting {name.strip()!r}: malformed JSON ({e.msg} at column {e.colno})")
+        except (KVConfigError, FileNotFoundError) as e:
+            raise SystemExit(f"--setting {name.strip()!r}: {e}")
     return out
 
 

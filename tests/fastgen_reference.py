@@ -52,15 +52,17 @@ class MaskedFastGenCache(MaskedCache):
         n_kv = st["k"].shape[1]
         end = self.stop
         for b in range(bsz):
+            first = self.seen_from(b)
             for h in range(n_kv):
                 held = st["keep"][b, h, :end]
                 agg = self.probs(layer_id, xq, b, h, self.cfg.gqa_aggregation)  # (seqlen, end)
-                st["score"][b, h, :end] += agg.sum(0)
+                counted = agg[max(0, first - self.start):]  # queries before the observation window do not count
+                st["score"][b, h, :end] += counted.sum(0)
                 if self.pending[b]:
                     L = self.prompt_lens[b]
                     m = st["prompt_map"][b][h]
                     m = torch.zeros(0, L, dtype=torch.float64) if m is None else m
-                    rows = agg[: max(0, L - self.start), :L]  # the prompt's queries; keys after them see nothing
+                    rows = counted[: max(0, L - max(self.start, first)), :L]  # the prompt's counted queries
                     rows = torch.nn.functional.pad(rows, (0, L - rows.shape[1]))
                     st["prompt_map"][b][h] = torch.cat([m, rows])
                 if self.finishing[b]:
@@ -69,6 +71,11 @@ class MaskedFastGenCache(MaskedCache):
                     st["keep"][b, h, :end] = self.kept(b, st["policy"][b][h], held, st["score"][b, h, :end])
 
     # --- FastGen by the definition --------------------------------------------------------------------------
+
+    def seen_from(self, b):
+        """First query position whose attention counts: 0, or the observation window's start (obs_window)."""
+        W = getattr(self.cfg, "obs_window", 0)
+        return max(0, self.prompt_lens[b] - W) if W else 0
 
     def member_keeps(self, b, name, t, j, n, L, frequent_set):
         """Whether basic policy `name` keeps key j for the query at position t (n tokens seen)."""
@@ -82,27 +89,36 @@ class MaskedFastGenCache(MaskedCache):
             return j in frequent_set
         return True  # full
 
-    def top_frequent(self, candidates, score, n):
-        """Top ceil(r_f * n) of `candidates` by score / (n - j), ties towards the older token."""
-        ranked = sorted(candidates, key=lambda j: (-float(score[j]) / max(1, n - j), j))
+    def top_frequent(self, b, candidates, score, n):
+        """Top ceil(r_f * n) of `candidates` by score / (counted queries that saw j: n - max(j, first counted)),
+        max-pooled over the `pool` nearest candidates in position order, ties towards the older token."""
+        first = self.seen_from(b)
+        held = sorted(candidates)
+        norm = [float(score[j]) / max(1, n - max(j, first)) for j in held]
+        h = getattr(self.cfg, "pool", 1) // 2  # pooling: the best of the 2h + 1 nearest held tokens in order
+        pooled = {j: max(norm[max(0, i - h): i + h + 1]) for i, j in enumerate(held)}
+        ranked = sorted(held, key=lambda j: (-pooled[j], j))
         return set(ranked[: ceil_ratio(self.cfg.r_f, n)])
 
     def choose(self, b, A):
-        """The first candidate whose recovery over the prompt map A (L x L) reaches T."""
-        L = A.shape[0]
-        t, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        """The first candidate whose recovery over the prompt map A (counted query rows x L) reaches T."""
+        R, L = A.shape
+        t, j = (L - R + torch.arange(R))[:, None], torch.arange(L)[None, :]  # the rows are the last R queries
         frequent = torch.zeros(L, dtype=torch.bool)
-        frequent[list(self.top_frequent(range(L), A.sum(0), L))] = True
-        keeps = {"special": self.special[b, :L][None, :].expand(L, L),
-                 "punct": self.punct[b, :L][None, :].expand(L, L),
-                 "local": (t - j) < ceil_ratio(self.cfg.r_l, L),
-                 "frequent": frequent[None, :].expand(L, L),
-                 "full": torch.ones(L, L, dtype=torch.bool)}
+        frequent[list(self.top_frequent(b, range(L), A.sum(0), L))] = True
+        window = getattr(self.cfg, "obs_window", 0)
+        # with an observation window each policy is the set it keeps when the prompt ends (n = L)
+        local = (L - 1 - j) < ceil_ratio(self.cfg.r_l, L) if window else (t - j) < ceil_ratio(self.cfg.r_l, L)
+        keeps = {"special": self.special[b, :L][None, :].expand(R, L),
+                 "punct": self.punct[b, :L][None, :].expand(R, L),
+                 "local": local.expand(R, L),
+                 "frequent": frequent[None, :].expand(R, L),
+                 "full": torch.ones(R, L, dtype=torch.bool)}
         causal = j <= t
         for cand in self.cfg.candidates:
             if self.cfg.T >= 1.0 and "full" not in cand:
                 continue
-            keep = torch.zeros(L, L, dtype=torch.bool)
+            keep = torch.zeros(R, L, dtype=torch.bool)
             for m in cand:
                 keep |= keeps[m]
             if "full" in cand or float((A * (keep & causal)).sum() / A.sum()) >= self.cfg.T:
@@ -113,7 +129,7 @@ class MaskedFastGenCache(MaskedCache):
         """The held tokens the hybrid keeps once n = end tokens have been seen."""
         n, L = self.stop, self.prompt_lens[b]
         held_pos = held.nonzero().flatten().tolist()
-        frequent = self.top_frequent(held_pos, score, n) if "frequent" in cand else set()
+        frequent = self.top_frequent(b, held_pos, score, n) if "frequent" in cand else set()
         out = torch.zeros_like(held)
         for j in held_pos:
             out[j] = any(self.member_keeps(b, m, n - 1, j, n, L, frequent) for m in cand)

@@ -330,8 +330,12 @@ def test_extra_settings_are_named_kv_configs(tmp_path):
     assert (b.name, b.config.T, b.config.r_l) == ("file", 0.8, 0.2)
     with pytest.raises(SystemExit, match="NAME=CONFIG"):
         _extra_settings(["nameonly"])
-    with pytest.raises(ValueError, match="T=1.5"):
+    with pytest.raises(SystemExit, match="'bad': kv config: T=1.5"):  # one line naming the row and the key
         _extra_settings(['bad={"T": 1.5}'])
+    with pytest.raises(SystemExit, match="malformed JSON"):
+        _extra_settings(['bad={"T": '])
+    w = _extra_settings(['fastgen T=0.9 w64={"method": "fastgen", "T": 0.9, "obs_window": 64}'])[0]
+    assert (w.name, w.config.T, w.config.obs_window) == ("fastgen T=0.9 w64", 0.9, 64)  # "=" inside a name
 
 
 def test_calibrate():

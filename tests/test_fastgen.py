@@ -1,5 +1,6 @@
 """FastGen cache: the checks of fastgen.md, the decode rules, positions, GQA, batching and byte accounting."""
 
+import dataclasses
 import json
 import math
 
@@ -132,16 +133,17 @@ def test_check4_allocated_bytes_are_kept_tokens_plus_padding_and_headroom(llama,
                 assert int((p == EMPTY_POS).sum()) <= 2 * store.tolerance * g.n * g.width + g.n
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k,window,pool", [(1, 0, 1), (4, 0, 1), (1, 24, 1), (4, 24, 1), (4, 24, 5), (1, 0, 7)])
 @pytest.mark.parametrize("T", [0.5, 0.9, 0.95])
-def test_check5_packed_equals_masked_reference(llama, T, k):
+def test_check5_packed_equals_masked_reference(llama, T, k, window, pool):
     """Logits, chosen policies and kept sets of the packed cache equal a plain full-size buffer + mask written
     from fastgen.md alone, for a batch of 2 whose prompts end at different steps (one sequence is profiled while
-    the other still reads), evicting after every token (k = 1) and every 4 tokens."""
+    the other still reads), evicting after every token (k = 1) and every 4 tokens; with the paper's profiling,
+    with an observation window of the prompt's last 24 queries (obs_window) and with pooled frequency scores."""
     p1, p2 = story_tokens(llama, 140), story_tokens(llama, 100, offset=300)
     tokens = torch.tensor([p1, p2 + story_tokens(llama, 40, offset=600)])
     prompts = [p1[:110], p2]
-    packed = fastgen_cache(llama, prompts, T=T, evict_every=k)
+    packed = fastgen_cache(llama, prompts, T=T, evict_every=k, obs_window=window, pool=pool)
     ref = MaskedFastGenCache(packed.method.config, packed.method.classes, llama.model.params.n_layers, prompts, 256)
     a = teacher_force(llama.model, packed, tokens, 100)
     b = teacher_force(llama.model, ref, tokens, 100)
@@ -151,7 +153,9 @@ def test_check5_packed_equals_masked_reference(llama, T, k):
     for layer_id in range(llama.model.params.n_layers):
         assert policies(packed, layer_id) == ref.policies(layer_id)
         assert kept_positions(packed, layer_id) == ref.kept_positions(layer_id)
-    if T < 0.95:  # the comparison has teeth: tokens were evicted (at 0.95 the random model keeps nearly all)
+    # the comparison has teeth: tokens were evicted (at 0.95 the random model keeps nearly all; with a window of
+    # 24 queries it also keeps everything at 0.9: a random model's last queries spread their attention)
+    if T < (0.9 if window else 0.95):
         assert packed.memory_stats()["total"]["kept_bytes"] < packed.memory_stats()["total"]["raw_bytes"]
 
 
@@ -238,6 +242,13 @@ def test_frequent_normalisation_prefers_recent_attention():
     keep = Frequent(r_f=0.1).keep(s)  # budget ceil(0.1 * 10) = 1
     assert keep.nonzero()[:, 1].tolist() == [8]
     assert Frequent(r_f=0.2).keep(s).nonzero()[:, 1].tolist() == [0, 8]
+    # an observation window from position 8: only queries 8 and 9 were summed, so token 0 got 1.5 per counted
+    # query and token 8 0.5
+    windowed = dataclasses.replace(s, seen_from=torch.tensor([[8]]))
+    assert Frequent(r_f=0.1).keep(windowed).nonzero()[:, 1].tolist() == [0]
+    # pooled over 3: tokens 7 and 9 inherit token 8's 0.5, token 1 token 0's 0.3; ties keep the older token
+    assert Frequent(r_f=0.3, pool=3).keep(s).nonzero()[:, 1].tolist() == [7, 8, 9]
+    assert Frequent(r_f=0.5, pool=3).keep(s).nonzero()[:, 1].tolist() == [0, 1, 7, 8, 9]
 
 
 def test_full_appends_every_token(tiny_llama):
