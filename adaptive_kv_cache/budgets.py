@@ -16,7 +16,7 @@ Ties always break towards the older token, so a kept set never depends on slot o
 """
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -96,15 +96,35 @@ def budget_tokens(ratio, tokens, prompt_len: int) -> int:
     return max(1, math.floor(ratio * prompt_len + 1e-9))
 
 
-def headkv_budgets(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
+def headkv_budgets(scores: torch.Tensor, budget: int, alpha: float, cap: Optional[int] = None) -> torch.Tensor:
     """(n_layers, n_kv) tokens per head: floor(alpha x budget) each, the rest of layers x heads x budget in
     proportion to the (non-negative) scores, rounded by largest remainder so that the total is exact (uniform
-    when every score is 0)."""
-    s = scores.double().clamp(min=0)
+    when every score is 0).
+
+    Args:
+        scores: (n_layers, n_kv) head scores.
+        budget: mean tokens per head.
+        alpha: share of the budget every head keeps.
+        cap: most tokens a head can hold (its prompt): a head whose share exceeds it keeps `cap` and the excess
+            goes to the others in proportion to their scores (water-filling), so the model's total stays
+            layers x heads x budget while budget <= cap. None: no cap.
+    """
+    s = scores.double().clamp(min=0).flatten()
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / s.numel())
     floor = math.floor(alpha * budget)
     pool = (budget - floor) * s.numel()
-    raw = pool * s.flatten()
+    room = float("inf") if cap is None else cap - floor
+    full = torch.zeros_like(s, dtype=torch.bool)  # heads at their cap
+    while True:
+        w = torch.where(full, 0.0, s)
+        if float(w.sum()) == 0:  # only zero-score heads left below their cap: share what is left evenly
+            w = (~full).double()
+        left = pool - room * int(full.sum()) if cap is not None else pool
+        raw = torch.where(full, float(room) if cap is not None else 0.0, left * w / max(float(w.sum()), 1e-300))
+        over = ~full & (raw > room)
+        if not bool(over.any()):
+            break
+        full |= over
     out = torch.floor(raw).long()
     short = pool - int(out.sum())
     out[torch.argsort(raw - out, descending=True, stable=True)[:short]] += 1

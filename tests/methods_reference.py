@@ -27,9 +27,10 @@ def pyramid(cfg, b, L, layer, n_layers):
     return b - n + round(hi - layer * (hi - lo) / (n_layers - 1))
 
 
-def headkv_split(cfg, B):
+def headkv_split(cfg, B, L=None):
     """HeadKV's per-head budgets, by the definition: floor(alpha B) each, the rest of layers x heads x B shared in
-    proportion to the scores (largest remainders get the leftover tokens, ties to the earlier head)."""
+    proportion to the scores (largest remainders get the leftover tokens, ties to the earlier head); a head's
+    share beyond its prompt L goes to the heads below L, in proportion to their scores, until none exceeds L."""
     import json
 
     scores = json.loads(open(cfg.head_scores).read())["scores"]
@@ -38,7 +39,19 @@ def headkv_split(cfg, B):
     share = [x / total for x in flat] if total > 0 else [1 / len(flat)] * len(flat)
     floor = math.floor(cfg.alpha * B)
     pool = (B - floor) * len(flat)
-    raw = [pool * x for x in share]
+    room = math.inf if L is None else L - floor
+    capped = set()
+    while True:
+        free = [i for i in range(len(flat)) if i not in capped]
+        weight = {i: share[i] for i in free}
+        if sum(weight.values()) == 0:
+            weight = {i: 1.0 for i in free}
+        left = pool - room * len(capped) if capped else pool
+        raw = [room if i in capped else left * weight[i] / sum(weight.values()) for i in range(len(flat))]
+        over = [i for i in free if raw[i] > room]
+        if not over:
+            break
+        capped.update(over)
     out = [math.floor(r) for r in raw]
     for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: pool - sum(out)]:
         out[i] += 1
@@ -126,7 +139,7 @@ class MaskedMethodCache(MaskedCache):
                 st["keep"][b, h, j] = True
             return
         for h in range(n_kv):
-            Bh = headkv_split(self.cfg, B)[layer_id][h] if self.cfg.budgets == "headkv" else B
+            Bh = headkv_split(self.cfg, B, self.prompt_lens[b])[layer_id][h] if self.cfg.budgets == "headkv" else B
             order, _ = self.ranked(layer_id, b, h, n, L, B)  # H2O's recent window: the unsplit budget
             st["keep"][b, h] = False
             st["keep"][b, h, order[:Bh]] = True

@@ -122,7 +122,7 @@ def expected_lengths(cfg, cache, layer_id, n, L, n_kv):
             full = cache.method.retrieval[layer_id].tolist()
             out.append([n if f else min(B, Lb) + grown for f in full])
         elif cfg.budgets == "headkv":
-            out.append([min(x, Lb) + grown for x in headkv_split(cfg, B)[layer_id]])
+            out.append([x + grown for x in headkv_split(cfg, B, Lb)[layer_id]])
         else:
             out.append([min(B, Lb) + grown] * n_kv)
     return out
@@ -406,7 +406,7 @@ def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, na
             full = g.kv_method.context.get()[layer].tolist()
             assert names == [f"{cfg.method}: keeps {40 if f else 20} of 40" for f in full]
         elif name == "headkv":
-            assert names == [f"{cfg.method}: keeps {min(40, b)} of 40" for b in headkv_split(cfg, 20)[layer]]
+            assert names == [f"{cfg.method}: keeps {b} of 40" for b in headkv_split(cfg, 20, 40)[layer]]
         elif name != "adakv":
             B = 20 if name != "pyramidkv" else pyramid(cfg, 20, 40, layer, 2)
             assert names == [f"{cfg.method}: keeps {B} of 40"] * 2
@@ -427,21 +427,24 @@ def test_headkv_budgets_split_the_models_budget_by_score():
     assert headkv_budgets(torch.zeros(2, 3), 7, 0.5).tolist() == [[7, 7, 7], [7, 7, 7]]  # no scores: uniform
     odd = headkv_budgets(torch.tensor([[1.0, 1.0, 1.0]]), 5, 0.0)
     assert sorted(odd.flatten().tolist()) == [5, 5, 5] and int(odd.sum()) == 15
+    # capped at the prompt: the first head's excess goes to the others by score, the total stays 3 x 10
+    assert headkv_budgets(torch.tensor([[6.0, 3.0, 1.0]]), 10, 0.0, cap=12).tolist() == [[12, 12, 6]]
+    assert headkv_budgets(torch.tensor([[6.0, 3.0, 1.0]]), 10, 0.0, cap=13).tolist() == [[13, 13, 4]]
+    assert headkv_budgets(torch.tensor([[1.0, 0.0, 0.0]]), 10, 0.2, cap=12).tolist() == [[12, 9, 9]]
 
 
 def test_headkv_keeps_each_heads_scored_budget(tiny_llama, tmp_path):
     """Scores written next to a checkpoint (as scripts/score_heads.py does) set each head's budget."""
-    from adaptive_kv_cache.budgets import headkv_budgets
-
     path = tmp_path / "head_scores.json"
-    scores = [[0.5, 0.1], [0.0, 0.4]]
+    scores = [[0.9, 0.02], [0.0, 0.08]]  # the first head's share exceeds its prompt: it is capped
     path.write_text(json.dumps({"scores": scores}))
     prompt = story_tokens(tiny_llama, 100)
     g = compressed(tiny_llama, load_method_config({"method": "headkv", "window": 8, "head_scores": str(path)}))
     cache = g.new_cache([prompt], 100)
     tiny_llama.model.forward(torch.tensor([prompt]), 0, cache)
-    expected = headkv_budgets(torch.tensor(scores), 50, 0.2).clamp(max=100).tolist()
+    expected = headkv_split(load_method_config({"method": "headkv", "head_scores": str(path)}), 50, 100)
     assert [cache.stores[i].lengths for i in range(2)] == expected
+    assert sum(map(sum, expected)) == 4 * 50  # the model's budget, exactly: no head holds more than its prompt
     with pytest.raises(KVConfigError, match="score_heads.py"):
         Llama(tiny_llama.model, tiny_llama.tokenizer, kv_config={"method": "headkv"})  # no ckpt_dir scores
 

@@ -224,7 +224,8 @@ class ScoredMethod(CompressionMethod):
         base = self.budgets(cache, layer_id)
         if self.config.budgets != "headkv":
             return cache.per_segment(base)
-        rows = [B.headkv_budgets(self.context, b, self.config.alpha)[layer_id] for b in base]
+        rows = [B.headkv_budgets(self.context, b, self.config.alpha, cap=L)[layer_id]
+                for b, L in zip(base, cache.prompt_lens)]
         return torch.cat(rows).to(cache.per_segment(base).device)
 
     def budgets(self, cache: CompressedCache, layer_id: int) -> List[int]:
