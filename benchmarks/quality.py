@@ -930,7 +930,8 @@ def plot(result: Dict, path: Path) -> None:
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             err = None
             if all(p[2] for p in pts):
-                err = [[y - p[2][0] for y, p in zip(ys, pts)], [p[2][1] - y for y, p in zip(ys, pts)]]
+                # max(0, .): a degenerate interval (one window) can sit a rounding error off its point
+                err = [[max(0.0, y - p[2][0]) for y, p in zip(ys, pts)], [max(0.0, p[2][1] - y) for y, p in zip(ys, pts)]]
             ax.errorbar(xs, ys, yerr=err, fmt=markers.get(g, "s--"), label=g, capsize=2,
                         markersize=10 if g == "uncompressed" else 5)
             for x, y, _, r in pts:
