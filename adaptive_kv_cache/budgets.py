@@ -113,18 +113,20 @@ def headkv_budgets(scores: torch.Tensor, budget: int, alpha: float, cap: Optiona
     s = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / s.numel())
     floor = math.floor(alpha * budget)
     pool = (budget - floor) * s.numel()
-    room = float("inf") if cap is None else cap - floor
+    room = pool if cap is None else cap - floor  # no head gets more than the whole pool: never capped
     full = torch.zeros_like(s, dtype=torch.bool)  # heads at their cap
-    while True:
+    while not bool(full.all()):  # all capped: a budget beyond the prompt, every head keeps it all
         w = torch.where(full, 0.0, s)
         if float(w.sum()) == 0:  # only zero-score heads left below their cap: share what is left evenly
             w = (~full).double()
-        left = pool - room * int(full.sum()) if cap is not None else pool
-        raw = torch.where(full, float(room) if cap is not None else 0.0, left * w / max(float(w.sum()), 1e-300))
+        left = pool - room * int(full.sum())
+        raw = torch.where(full, float(room), left * w / float(w.sum()))
         over = ~full & (raw > room)
         if not bool(over.any()):
             break
         full |= over
+    if bool(full.all()):
+        return torch.full_like(scores, cap, dtype=torch.long)
     out = torch.floor(raw).long()
     short = pool - int(out.sum())
     out[torch.argsort(raw - out, descending=True, stable=True)[:short]] += 1

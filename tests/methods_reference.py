@@ -41,8 +41,11 @@ def headkv_split(cfg, B, L=None):
     pool = (B - floor) * len(flat)
     room = math.inf if L is None else L - floor
     capped = set()
+    n_kv = len(scores[0])
     while True:
         free = [i for i in range(len(flat)) if i not in capped]
+        if not free:  # a budget beyond the prompt: every head keeps all of it
+            return [[L] * n_kv for _ in scores]
         weight = {i: share[i] for i in free}
         if sum(weight.values()) == 0:
             weight = {i: 1.0 for i in free}
@@ -55,7 +58,6 @@ def headkv_split(cfg, B, L=None):
     out = [math.floor(r) for r in raw]
     for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: pool - sum(out)]:
         out[i] += 1
-    n_kv = len(scores[0])
     return [[floor + out[l * n_kv + h] for h in range(n_kv)] for l in range(len(scores))]
 
 

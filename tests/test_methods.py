@@ -431,6 +431,7 @@ def test_headkv_budgets_split_the_models_budget_by_score():
     assert headkv_budgets(torch.tensor([[6.0, 3.0, 1.0]]), 10, 0.0, cap=12).tolist() == [[12, 12, 6]]
     assert headkv_budgets(torch.tensor([[6.0, 3.0, 1.0]]), 10, 0.0, cap=13).tolist() == [[13, 13, 4]]
     assert headkv_budgets(torch.tensor([[1.0, 0.0, 0.0]]), 10, 0.2, cap=12).tolist() == [[12, 9, 9]]
+    assert headkv_budgets(torch.tensor([[6.0, 3.0, 1.0]]), 20, 0.2, cap=12).tolist() == [[12, 12, 12]]  # > prompt
 
 
 def test_headkv_keeps_each_heads_scored_budget(tiny_llama, tmp_path):
