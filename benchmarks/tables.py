@@ -2,7 +2,7 @@
 
     python -m benchmarks.tables                       # benchmarks/results/quality.json and speed.json
     python -m benchmarks.tables --quality FILE --speed FILE
-    python -m benchmarks.tables --quality benchmarks/results/quality_methods.json --plot docs/figures/methods_smollm2.png
+    python -m benchmarks.tables --quality docs/results/quality_methods.json --plot docs/figures/methods_smollm2.png
 
 Prints the tables to stdout (with the methods' comparison when the run had method rows); a missing or unfinished
 file is named on stderr and skipped.
