@@ -109,12 +109,11 @@ class FastGen(CompressionMethod):
         return max(0, prompt_len - self.config.obs_window) if self.config.obs_window else 0
 
     def stats_request(self, cache: CompressedCache, layer_id: int) -> Optional[StatsRequest]:
-        if any(cache.pending) and self.config.obs_window:
-            return StatsRequest(window_from=self.window_from, gqa=self.config.gqa_aggregation,
-                                heatmap_seq=self.observe_seq)
-        if any(cache.pending):
-            return StatsRequest(band_windows=self.windows, gqa=self.config.gqa_aggregation,
-                                heatmap_seq=self.observe_seq)
+        if any(cache.pending):  # profiling: band sums, or the observation window's column sums
+            windowed = bool(self.config.obs_window)
+            return StatsRequest(band_windows=None if windowed else self.windows,
+                                window_from=self.window_from if windowed else None,
+                                gqa=self.config.gqa_aggregation, heatmap_seq=self.observe_seq)
         if layer_id in self.scored_layers:
             return StatsRequest(gqa=self.config.gqa_aggregation)
         return None

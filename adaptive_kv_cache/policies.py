@@ -140,7 +140,7 @@ POLICIES: Dict[str, object] = {
     "special": lambda cfg: Special(),
     "punct": lambda cfg: Punct(),
     "local": lambda cfg: Local(cfg.r_l),
-    "frequent": lambda cfg: Frequent(cfg.r_f, getattr(cfg, "pool", 1)),
+    "frequent": lambda cfg: Frequent(cfg.r_f, cfg.pool),
     "full": lambda cfg: Full(),
 }
 BASIC_ORDER: Tuple[str, ...] = tuple(POLICIES)

@@ -74,7 +74,7 @@ class MaskedFastGenCache(MaskedCache):
 
     def seen_from(self, b):
         """First query position whose attention counts: 0, or the observation window's start (obs_window)."""
-        W = getattr(self.cfg, "obs_window", 0)
+        W = self.cfg.obs_window
         return max(0, self.prompt_lens[b] - W) if W else 0
 
     def member_keeps(self, b, name, t, j, n, L, frequent_set):
@@ -95,7 +95,7 @@ class MaskedFastGenCache(MaskedCache):
         first = self.seen_from(b)
         held = sorted(candidates)
         norm = [float(score[j]) / max(1, n - max(j, first)) for j in held]
-        h = getattr(self.cfg, "pool", 1) // 2  # pooling: the best of the 2h + 1 nearest held tokens in order
+        h = self.cfg.pool // 2  # pooling: the best of the 2h + 1 nearest held tokens in order
         pooled = {j: max(norm[max(0, i - h): i + h + 1]) for i, j in enumerate(held)}
         ranked = sorted(held, key=lambda j: (-pooled[j], j))
         return set(ranked[: ceil_ratio(self.cfg.r_f, n)])
@@ -106,7 +106,7 @@ class MaskedFastGenCache(MaskedCache):
         t, j = (L - R + torch.arange(R))[:, None], torch.arange(L)[None, :]  # the rows are the last R queries
         frequent = torch.zeros(L, dtype=torch.bool)
         frequent[list(self.top_frequent(b, range(L), A.sum(0), L))] = True
-        window = getattr(self.cfg, "obs_window", 0)
+        window = self.cfg.obs_window
         # with an observation window each policy is the set it keeps when the prompt ends (n = L)
         local = (L - 1 - j) < ceil_ratio(self.cfg.r_l, L) if window else (t - j) < ceil_ratio(self.cfg.r_l, L)
         keeps = {"special": self.special[b, :L][None, :].expand(R, L),
