@@ -123,6 +123,7 @@ class CompressedCache(KVCache):
         self.steps_since_compaction = 0
         self.peak_allocated = 0
         self.peak_raw = 0
+        self._allocation_key: Optional[Tuple] = None
         self.pass_: Optional[Pass] = None
 
     @property
@@ -155,8 +156,14 @@ class CompressedCache(KVCache):
         self.pending = [pend and not fin for pend, fin in zip(self.pending, p.finishing)]
         self.steps_since_compaction = 0 if p.compact else self.steps_since_compaction + 1
         stores = [s for s in self.stores if s is not None and s.allocated]
-        self.peak_allocated = max(self.peak_allocated, sum(self._allocated(i) for i, s in enumerate(self.stores)
-                                                           if s is not None and s.allocated))
+        # allocated bytes change only with the buffers: sum them again only when a store's buffers or the codec's
+        # side buffers changed
+        key = (*(s.version if s is not None else -1 for s in self.stores),
+               *(self.codec.side_bytes(i) for i in range(self.n_layers)))
+        if key != self._allocation_key:
+            self._allocation_key = key
+            self.peak_allocated = max(self.peak_allocated, sum(self._allocated(i) for i, s in enumerate(self.stores)
+                                                               if s is not None and s.allocated))
         self.peak_raw = max(self.peak_raw, sum(self._raw_bytes(s) for s in stores))
 
     # --- per layer --------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class FastGen(CompressionMethod):
         self.windows: List[int] = []
         self.window_from: List[int] = []
         self._prompt_special: Optional[List[torch.Tensor]] = None
+        self._cls_table: Optional[torch.Tensor] = None  # (vocab,) uint8 class bits, made on the tokens' device
         self.profiling_seconds = 0.0  # wall time of the policy choice and the first compaction's keep masks
 
     @classmethod
@@ -81,18 +82,21 @@ class FastGen(CompressionMethod):
 
     def begin(self, cache: CompressedCache, tokens: torch.Tensor, start_pos: int) -> Dict[str, torch.Tensor]:
         device = tokens.device
-        if self.classes.special.device != device:
+        if self._cls_table is None or self._cls_table.device != device:
             self.classes = self.classes.to(device)
+            # one lookup per pass: SPECIAL | PUNCT bits of every vocabulary entry
+            self._cls_table = (self.classes.special.to(torch.uint8) * SPECIAL
+                               | self.classes.punct.to(torch.uint8) * PUNCT)
         if self._prompt_special is None:
             # Chat markers span several pieces: match them on each whole prompt, whose end is known.
             self._prompt_special = [special_mask(torch.tensor(p, dtype=torch.long, device=device), self.classes)
                                     for p in cache.prompt_tokens]
         seqlen = tokens.shape[1]
-        special = self.classes.special[tokens]
+        cls = self._cls_table[tokens]  # (bsz, seqlen)
         for b, prompt_special in enumerate(self._prompt_special):
             lo, hi = start_pos, min(start_pos + seqlen, len(prompt_special))
             if lo < hi:
-                special[b, : hi - lo] |= prompt_special[lo:hi]
+                cls[b, : hi - lo] |= prompt_special[lo:hi].to(torch.uint8) * SPECIAL
         # local windows of the sequences still reading their prompt (0: no band sums for that sequence)
         self.windows = [int(self.local.window(torch.tensor(n))) if pend else 0
                         for n, pend in zip(cache.prompt_lens, cache.pending)]
@@ -102,7 +106,7 @@ class FastGen(CompressionMethod):
         if self.observer is not None and start_pos == 0 and any(cache.pass_.finishing):
             # heatmaps need the whole prompt's rows in one pass: the first sequence whose prompt ends in it
             self.observe_seq = cache.pass_.finishing.index(True)
-        return {"cls": special.to(torch.uint8) * SPECIAL | self.classes.punct[tokens].to(torch.uint8) * PUNCT}
+        return {"cls": cls}
 
     def _seen_from(self, prompt_len: int) -> int:
         """The first prompt query whose attention counts (0 without an observation window)."""

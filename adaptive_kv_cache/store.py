@@ -24,6 +24,10 @@ import torch
 from llama.attention import EMPTY_POS, KVGroup, PackedView, take_rows
 
 
+#: Single-column appends whose destination rows are prepared at once.
+AHEAD = 32
+
+
 @dataclass
 class _Group:
     base: int  # first flat row
@@ -108,9 +112,13 @@ class PackedStore:
         self.device: Optional[torch.device] = None
         self.groups: List[_Group] = []
         self._blocks: Dict[str, List[torch.Tensor]] = {}  # per field, per group: the (n, cap, ...) block
-        self._dest: Optional[torch.Tensor] = None  # (n_seg,) flat row of each segment's next append
+        self._dest: Optional[torch.Tensor] = None  # (n_seg,) flat row of each segment's append at column width
+        self._dest_off = 0  # columns appended since _dest was set
+        self._ahead: Optional[Tuple[torch.Tensor, ...]] = None  # AHEAD x (n_seg,): rows of the next 1-column appends
+        self._ahead_from = 0
         self.lengths: List[int] = [0] * n_seg
         self.positional = True
+        self.version = 0  # bumped whenever the buffers are replaced, added or freed (allocated bytes may change)
 
     # --- layout ---------------------------------------------------------------------------------------------
 
@@ -135,6 +143,7 @@ class PackedStore:
     def _install(self, groups: List[_Group], buf: Dict[str, torch.Tensor], widths: List[int],
                  lengths: List[int]) -> None:
         self.groups, self.buf = groups, buf
+        self.version += 1
         self._blocks = {name: [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in groups]
                         for name, t in buf.items()}
         for g, w in zip(self.groups, widths):
@@ -149,7 +158,19 @@ class PackedStore:
         dest = torch.empty(self.n_seg, dtype=torch.long, device=self.device)
         for g in self.groups:
             dest.index_copy_(0, g.seg, g.base + g.cap * torch.arange(g.n, device=self.device) + g.width)
-        self._dest = dest
+        self._dest, self._dest_off, self._ahead = dest, 0, None
+
+    def _append_rows(self, s: int) -> torch.Tensor:
+        """(n_seg * s,) flat rows of the next s columns, segment-major. A decode step takes a prepared row of
+        `_ahead` (one tensor op per AHEAD steps instead of one per step and layer)."""
+        off = self._dest_off
+        self._dest_off += s
+        if s > 1:
+            return ((self._dest + off)[:, None] + torch.arange(s, device=self.device)).view(-1)
+        if self._ahead is None or not 0 <= off - self._ahead_from < len(self._ahead):
+            self._ahead = (self._dest + torch.arange(off, off + AHEAD, device=self.device)[:, None]).unbind(0)
+            self._ahead_from = off
+        return self._ahead[off - self._ahead_from]
 
     def field(self, name: str) -> List[torch.Tensor]:
         """Per group, the (n, width, ...) view of a field."""
@@ -158,13 +179,14 @@ class PackedStore:
     def view(self, start_pos: int, n_kv_heads: int) -> PackedView:
         """The groups as a PackedView; keys and values are None where a codec replaced them by codes (the cache
         then attaches each group's reader)."""
-        n = len(self.groups)
-        keys = self.field("k") if "k" in self.buf else [None] * n
-        values = self.field("v") if "v" in self.buf else [None] * n
-        return PackedView([KVGroup(k, v, p, g.seg, g.seg_range, b)
-                           for k, v, p, b, g in zip(keys, values, self.field("pos"), self.field("bias"),
-                                                    self.groups)],
-                          start_pos, n_kv_heads)
+        blocks = self._blocks
+        kb, vb, pb, bb = blocks.get("k"), blocks.get("v"), blocks["pos"], blocks["bias"]
+        groups = []
+        for i, g in enumerate(self.groups):  # one pass (this runs per layer and decode step)
+            w = g.width
+            groups.append(KVGroup(None if kb is None else kb[i][:, :w], None if vb is None else vb[i][:, :w],
+                                  pb[i][:, :w], g.seg, g.seg_range, bb[i][:, :w]))
+        return PackedView(groups, start_pos, n_kv_heads)
 
     # --- writes ----------------------------------------------------------------------------------------------
 
@@ -188,10 +210,9 @@ class PackedStore:
                           self.lengths)
         elif not self.has_room(s):
             self._regroup([None] * len(self.groups), self.lengths, s + min_free)
-        idx = self._dest if s == 1 else (self._dest[:, None] + torch.arange(s, device=self._dest.device)).view(-1)
+        idx = self._append_rows(s)
         for name, v in values.items():
             self.buf[name].index_copy_(0, idx, v)
-        self._dest += s
         for g in self.groups:
             g.width += s
         self.lengths = [n + s for n in self.lengths]
@@ -306,12 +327,14 @@ class PackedStore:
         """Adds a per-slot field to an allocated store, every slot at `fill` (e.g. codes replacing keys)."""
         self.spec[name] = (dtype, fill)
         self._dtype[name], self._row_shape[name] = dtype, tuple(row_shape)
+        self.version += 1
         rows = self.buf["pos"].shape[0]
         t = self.buf[name] = torch.full((rows,) + tuple(row_shape), fill, dtype=dtype, device=self.device)
         self._blocks[name] = [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in self.groups]
 
     def drop_field(self, name: str) -> None:
         """Frees a per-slot field nobody needs any more."""
+        self.version += 1
         for d in (self.spec, self.buf, self._dtype, self._row_shape, self._blocks):
             d.pop(name, None)
 

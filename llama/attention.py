@@ -521,12 +521,13 @@ def _per_segment(values: Sequence[int], n_kv: int, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device).repeat_interleave(n_kv)
 
 
-def _put_rows(out: torch.Tensor, g: KVGroup, rows: torch.Tensor) -> None:
-    """out[g.seg] = rows."""
+def _put_rows(out: torch.Tensor, g: KVGroup, rows: torch.Tensor) -> torch.Tensor:
+    """out[g.seg] = rows; returns out."""
     if g.seg_range is not None:
         out[g.seg_range[0] : g.seg_range[1]] = rows
     else:
         out.index_copy_(0, g.seg, rows)
+    return out
 
 
 def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsRequest]
@@ -538,7 +539,8 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
     n_seg, n_rep = bsz * n_kv, n_heads // n_kv
     q = xq.view(n_seg, n_rep, head_dim)  # no copy
     scale = 1.0 / math.sqrt(head_dim)
-    out = torch.empty_like(q)
+    # one group of every segment in order (the common case) is the output itself; else rows are scattered
+    out = None if len(view.groups) == 1 and view.groups[0].seg_range == (0, n_seg) else torch.empty_like(q)
     stats = None
     if want is not None:
         stats = AttentionStats(band=[] if want.wants_band() else None)
@@ -552,7 +554,7 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
         if want is None and g.codes is None:
             og = F.scaled_dot_product_attention(qg[:, None], g.keys[:, None], g.values[:, None],
                                                 attn_mask=g.bias[:, None, None].to(q.dtype))[:, 0]
-            _put_rows(out, g, og)
+            out = og if out is None else _put_rows(out, g, og)
             continue
         if g.codes is None:
             s = torch.baddbmm(g.bias[:, None].to(q.dtype), qg, g.keys.transpose(1, 2), alpha=scale)  # (n, n_rep, w)
@@ -568,8 +570,8 @@ def _packed_decode(xq: torch.Tensor, view: PackedView, want: Optional[StatsReque
                 stats.band.append(pr * near)
             if stats.window is not None:
                 stats.window.append(pr * g.rows(late)[:, None])
-        _put_rows(out, g, og)
-    return out.view(bsz, 1, n_heads * head_dim), stats
+        out = og if out is None else _put_rows(out, g, og)
+    return out.reshape(bsz, 1, n_heads * head_dim), stats
 
 
 def _sdpa_group(qg: torch.Tensor, g: KVGroup, qpos: torch.Tensor, n_rep: int) -> torch.Tensor:

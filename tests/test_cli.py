@@ -22,17 +22,6 @@ from llama.generation import Llama
 from test_llama import GREEDY_IDS, GREEDY_TEXT, PROMPT, PROMPT_IDS
 
 STORIES = ["--ckpt_dir", str(STORIES_DIR)]
-# Greedy continuation of PROMPT by stories260K in bfloat16 on CPU (pinned on the project's AMD EPYC machines):
-# the first 16 tokens are float32's, then a different but equally fluent story.
-BF16_IDS = [
-    432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
-    335, 311, 267, 422, 419, 269, 311, 374, 419, 426, 385, 328, 432, 317, 439, 419,
-    357, 343, 267, 341, 311, 351, 358, 286, 298, 414, 299, 267, 265, 282, 295, 433,
-]
-BF16_TEXT = (", there was a little girl named Lily. She loved to play with her toys and her friends. One day, Lily's "
-             "mommy told her that she was going to the park")
-
-
 def run_main(main, argv, capsys):
     """Runs a script module's main as `python script ARGV` would; returns (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as e:
@@ -152,9 +141,16 @@ def test_bfloat16_on_cpu_generates_coherent_text(dist, stories_llama):
     assert g.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in g.model.parameters())
     out, _ = g.generate([PROMPT_IDS], 48, temperature=0)
     assert out[0][:16] == GREEDY_IDS[:16]  # float32's story for the first 16 tokens
-    assert out[0] == BF16_IDS and g.tokenizer.decode(out[0]) == BF16_TEXT
-    # the KV cache is in the model's dtype: half of float32's bytes for the same positions
+    # Later tokens depend on the CPU's bfloat16 kernels (with AVX512-BF16 this model keeps float32's story for
+    # all 48 tokens, without it the story changes at token 17), so the reference is float32 itself: fed the
+    # bfloat16 continuation, it ranks every bfloat16 choice among its own top 3 (garbage would not be).
     fp32 = Llama(stories_llama.model, stories_llama.tokenizer)
+    seq = PROMPT_IDS + out[0]
+    with torch.inference_mode():
+        logits = stories_llama.model.forward(torch.tensor([seq]), 0, fp32.new_cache([seq], len(seq)))
+    top = logits[0, len(PROMPT_IDS) - 1 : -1].topk(3).indices.tolist()
+    assert [t in top[i] for i, t in enumerate(out[0])] == [True] * 48
+    # the KV cache is in the model's dtype: half of float32's bytes for the same positions
     fp32.generate([PROMPT_IDS], 48, temperature=0)
     assert 2 * g.kv_stats["total"]["raw_bytes"] == fp32.kv_stats["total"]["raw_bytes"]
     compressed = Llama(g.model, g.tokenizer, kv_config={"T": 0.95})

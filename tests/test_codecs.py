@@ -213,6 +213,40 @@ def test_allocated_bytes_equal_the_formula_and_the_buffers(tiny_llama, codec_nam
     assert stats["kv_quant"] == codec_name
 
 
+@pytest.mark.parametrize("codec_name", ["none", "int8", "int4"])
+def test_peak_allocated_is_the_largest_sum_of_physical_buffers_over_the_passes(tiny_llama, codec_name):
+    """The cache recounts its allocated bytes only when a buffer changes; the peak must still be the largest
+    total of the tensors it holds after any pass (counted here from the tensors themselves)."""
+    codec = Int4(group=8, residual=16) if codec_name == "int4" else make_codec(codec_name)
+    cfg = FastGenConfig(T=0.9, evict_every=4, kv_quant=codec_name)
+    method = FastGen(cfg, Llama(tiny_llama.model, tiny_llama.tokenizer, kv_config=cfg).token_classes)
+    prompts = prompts_of(tiny_llama)
+    params = tiny_llama.model.params
+    cache = CompressedCache(method, params.n_layers, prompts, params.max_seq_len, evict_every=4, codec=codec)
+
+    def physical():
+        total = 0
+        for layer_id, store in enumerate(cache.stores):
+            names = ("k", "v") if "k" in store.buf else codec.code_fields + codec.scale_fields
+            total += sum(store.buf[n].numel() * store.buf[n].element_size() for n in names)
+            st = codec.state.get(layer_id, {})
+            total += sum(st[n].numel() * st[n].element_size() for n in ("kp", "rk", "rv") if n in st)
+        return total
+
+    P = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [5] * (P - len(p)) for p in prompts])
+    seen = []
+    for start in range(0, P, 24):  # the prompt in chunks, then decode: buffers grow, shrink and are sealed
+        tiny_llama.model.forward(tokens[:, start : start + 24], start, cache)
+        seen.append(physical())
+    for pos in range(P, P + 41):
+        tiny_llama.model.forward(torch.full((len(prompts), 1), 7 + pos % 50), pos, cache)
+        seen.append(physical())
+    assert len(set(seen)) > 2  # the test exercises changes
+    assert cache.peak_allocated == max(seen)
+    assert cache.memory_stats()["total"]["allocated_bytes"] == seen[-1]
+
+
 def positions_held(cache):
     return [[cache.stores[i].slot_positions(s) for s in range(cache.stores[i].n_seg)]
             for i in range(cache.n_layers)]

@@ -440,3 +440,32 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir):
     g = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), 256, 1, device="cuda",
                     kv_config={"T": 0.9, "evict_every": 8})
     assert_steady_decode_never_synchronises(g, story_tokens(g, 80))
+
+
+@pytest.mark.parametrize("pool", [1, 3])
+def test_frequent_ranks_by_score_then_age_in_any_slot_order(pool):
+    """Frequent's one-sort ranking equals a plain Python ranking (descending score, ties to the older token),
+    with many ties, empty slots, slots in random order, and budgets of 0, inside and beyond the width."""
+    from adaptive_kv_cache.policies import Frequent, TokenStats
+
+    g = torch.Generator().manual_seed(3)
+    rows, width = 6, 40
+    pos = torch.stack([torch.randperm(100, generator=g)[:width] for _ in range(rows)])
+    valid = torch.rand(rows, width, generator=g) < 0.8
+    pos = pos.masked_fill(~valid, torch.iinfo(torch.int32).max)  # an empty slot's position, as the store has it
+    score = torch.randint(0, 4, (rows, width), generator=g).float() * 0.25  # ties on purpose
+    n = torch.full((rows, 1), 100)
+    s = TokenStats(valid=valid, pos=pos, special=torch.zeros_like(valid), punct=torch.zeros_like(valid),
+                   score=score * (n - pos).clamp(1, 100), n=n, prompt_len=n)
+    for r_f in (0.001, 0.05, 0.2, 0.35, 1.0):
+        keep = Frequent(r_f=r_f, pool=pool).keep(s)
+        budget = math.ceil(r_f * 100 - 1e-9)
+        for i in range(rows):
+            held = sorted((int(p), j) for j, p in enumerate(pos[i].tolist()) if valid[i, j])  # position order
+            per = [float(score[i, j]) for _, j in held]
+            if pool > 1:  # the best score among the pool nearest held tokens
+                h = pool // 2
+                per = [max(per[max(0, a - h) : a + h + 1]) for a in range(len(per))]
+            ranked = sorted(range(len(held)), key=lambda a: (-per[a], held[a][0]))[:budget]
+            want = sorted(held[a][1] for a in ranked)
+            assert keep[i].nonzero().flatten().tolist() == want
