@@ -10,10 +10,11 @@ and they count as slack, not as kept bytes.
 
 All segments take one new token per position, so appends write the same column of every group (its `width`),
 host-known, with no search and no host-device synchronisation. `compact` is the one batched pass that drops
-slots; the cache calls it every k decode steps. It reads the new lengths on the host (one synchronisation) and then either fills each segment's holes
-with its own tail slots in place (the common case: a few slots move, nothing is allocated), or, when the groups
-no longer fit (a group out of free columns, or its members' lengths drifted apart), re-groups the segments into
-new buffers.
+slots; the cache calls it every k decode steps. It reads the new lengths on the host (one synchronisation) and then
+either fills each segment's holes with its own tail slots in place (a few slots move, nothing is allocated); or,
+when a group is out of free columns but the grouping still holds (segments that keep growing: the steady state of
+decoding), copies each group's used columns in one block into buffers with more columns and fills the holes
+there; or, when the members' lengths drifted apart, re-groups the segments into new buffers slot by slot.
 """
 
 from dataclasses import dataclass
@@ -126,8 +127,10 @@ class PackedStore:
     def allocated(self) -> bool:
         return bool(self.buf)
 
-    def _allocate(self, plan: List[List[int]], caps: List[int]) -> Tuple[List[_Group], Dict[str, torch.Tensor]]:
-        """New groups and buffers for `plan` (every slot empty: position EMPTY_POS, fields their fill value)."""
+    def _allocate(self, plan: List[List[int]], caps: List[int], fill: bool = True
+                  ) -> Tuple[List[_Group], Dict[str, torch.Tensor]]:
+        """New groups and buffers for `plan`: every slot empty (position EMPTY_POS, fields their fill value), or
+        uninitialised when not `fill` (the caller writes every row)."""
         groups, base = [], 0
         for members, cap in zip(plan, caps):
             lo = members[0]
@@ -136,20 +139,28 @@ class PackedStore:
                                  torch.tensor(members, dtype=torch.long, device=self.device),
                                  (lo, lo + len(members)) if contiguous else None, members))
             base += len(members) * cap
-        buf = {name: torch.full((base,) + self._row_shape[name], fill, dtype=self._dtype[name], device=self.device)
-               for name, (_, fill) in self.spec.items()}
+        buf = {name: torch.full((base,) + self._row_shape[name], value, dtype=self._dtype[name], device=self.device)
+                     if fill else torch.empty((base,) + self._row_shape[name], dtype=self._dtype[name],
+                                              device=self.device)
+               for name, (_, value) in self.spec.items()}
         return groups, buf
 
-    def _install(self, groups: List[_Group], buf: Dict[str, torch.Tensor], widths: List[int],
-                 lengths: List[int]) -> None:
+    def _set_buffers(self, groups: List[_Group], buf: Dict[str, torch.Tensor]) -> None:
         self.groups, self.buf = groups, buf
         self.version += 1
         self._blocks = {name: [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in groups]
                         for name, t in buf.items()}
+
+    def _set_padding_limit(self, g: _Group, lengths: List[int]) -> None:
+        padding = sum(g.width - lengths[i] for i in g.members)
+        g.max_padding = max(int(2 * self.tolerance * g.n * g.width), 2 * padding) + g.n
+
+    def _install(self, groups: List[_Group], buf: Dict[str, torch.Tensor], widths: List[int],
+                 lengths: List[int]) -> None:
+        self._set_buffers(groups, buf)
         for g, w in zip(self.groups, widths):
             g.width = w
-            padding = sum(w - lengths[i] for i in g.members)
-            g.max_padding = max(int(2 * self.tolerance * g.n * w), 2 * padding) + g.n
+            self._set_padding_limit(g, lengths)
         for pos, bias in zip(self.field("pos"), self.field("bias")):
             bias.masked_fill_(pos == EMPTY_POS, float("-inf"))  # columns < width: padding; later ones stay 0
         self._set_dest()
@@ -209,7 +220,7 @@ class PackedStore:
             self._install(*self._allocate([list(range(self.n_seg))], [self._capacity(s, min_free)]), [0],
                           self.lengths)
         elif not self.has_room(s):
-            self._regroup([None] * len(self.groups), self.lengths, s + min_free)
+            self._relayout([None] * len(self.groups), self.lengths, s + min_free)
         idx = self._append_rows(s)
         for name, v in values.items():
             self.buf[name].index_copy_(0, idx, v)
@@ -245,7 +256,7 @@ class PackedStore:
                     self._fill_holes(i, m, max(lengths[j] for j in g.members))
             self._set_dest()
         else:
-            self._regroup(masks, lengths, min_free)
+            self._relayout(masks, lengths, min_free)
         self.lengths = lengths
         return lengths
 
@@ -297,12 +308,40 @@ class PackedStore:
         bias.copy_(torch.where(inside | (cols >= width), 0.0, float("-inf")))
         g.width = width
 
-    def _regroup(self, masks: List[Optional[torch.Tensor]], lengths: List[int], min_free: int) -> None:
-        """Moves the kept slots into new buffers, grouped by the new lengths; slot order inside a segment is
-        preserved (a segment that keeps everything stays in position order)."""
+    def _relayout(self, masks: List[Optional[torch.Tensor]], lengths: List[int], min_free: int) -> None:
+        """New buffers for the new lengths: the same groups with new capacities while the grouping still holds
+        (the steady state of decoding, where segments keep growing), else new groups."""
         plan = plan_groups(lengths, min_free, self.tolerance, self.max_groups)
         widths = [max(lengths[i] for i in members) for members in plan]
         caps = [self._capacity(w, min_free) for w in widths]
+        if plan == [g.members for g in self.groups] and all(c >= g.width for c, g in zip(caps, self.groups)):
+            self._grow(masks, lengths, widths, caps)
+        else:
+            self._regroup(masks, lengths, plan, widths, caps)
+
+    def _grow(self, masks: List[Optional[torch.Tensor]], lengths: List[int], widths: List[int],
+              caps: List[int]) -> None:
+        """The same groups in new buffers of capacities `caps`: each group's used columns are copied in one block
+        (no per-slot indexing) and the holes are then filled as `compact` does in place."""
+        old_groups, old_blocks = self.groups, self._blocks
+        groups, buf = self._allocate([g.members for g in old_groups], caps, fill=False)
+        self._set_buffers(groups, buf)
+        for name, blocks in self._blocks.items():
+            fill = self.spec[name][1]
+            for og, old, new in zip(old_groups, old_blocks[name], blocks):
+                new[:, : og.width].copy_(old[:, : og.width])
+                new[:, og.width :].fill_(fill)
+        for i, (g, og, m, w) in enumerate(zip(groups, old_groups, masks, widths)):
+            g.width = og.width  # the masks index the old columns, which the copy kept in place
+            if m is not None:
+                self._fill_holes(i, m, w)
+            self._set_padding_limit(g, lengths)
+        self._set_dest()
+
+    def _regroup(self, masks: List[Optional[torch.Tensor]], lengths: List[int], plan: List[List[int]],
+                 widths: List[int], caps: List[int]) -> None:
+        """Moves the kept slots into new buffers grouped by `plan`; slot order inside a segment is preserved (a
+        segment that keeps everything stays in position order)."""
         groups, buf = self._allocate(plan, caps)
         # flat destination row of slot r of segment i: its group's base + member index * cap + r
         seg_row = torch.empty(self.n_seg, dtype=torch.long, device=self.device)

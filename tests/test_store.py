@@ -51,7 +51,15 @@ def check(store, model):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_appends_and_compactions_match_a_plain_model(seed):
+def test_random_appends_and_compactions_match_a_plain_model(seed, monkeypatch):
+    relayouts = {"_grow": 0, "_regroup": 0}
+    for name in relayouts:  # count which re-layout ran (same groups grown, or new groups)
+        method = getattr(PackedStore, name)
+
+        def spy(self, *a, _method=method, _name=name, **kw):
+            relayouts[_name] += 1
+            return _method(self, *a, **kw)
+        monkeypatch.setattr(PackedStore, name, spy)
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     n_seg, hd = 6, 4
@@ -99,6 +107,7 @@ def test_random_appends_and_compactions_match_a_plain_model(seed):
             dropped |= bool(drops)
             assert store.positional == (not dropped)
     assert reallocations and in_place  # both strategies ran
+    assert relayouts["_grow"] and relayouts["_regroup"]  # and both kinds of re-layout
 
 
 def test_store_stays_positional_while_nothing_is_dropped():
