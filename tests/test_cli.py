@@ -141,9 +141,9 @@ def test_bfloat16_on_cpu_generates_coherent_text(dist, stories_llama):
     assert g.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in g.model.parameters())
     out, _ = g.generate([PROMPT_IDS], 48, temperature=0)
     assert out[0][:16] == GREEDY_IDS[:16]  # float32's story for the first 16 tokens
-    # Later tokens depend on the CPU's bfloat16 kernels (with AVX512-BF16 this model keeps float32's story for
-    # all 48 tokens, without it the story changes at token 17), so the reference is float32 itself: fed the
-    # bfloat16 continuation, it ranks every bfloat16 choice among its own top 3 (garbage would not be).
+    # Later tokens depend on the CPU's bfloat16 kernels (on one EPYC machine the story changed at token 17, on
+    # another, with AVX512-BF16, it stays float32's for all 48 tokens), so the reference is float32 itself: fed
+    # the bfloat16 continuation, it ranks every bfloat16 choice among its own top 3 (garbage would not be).
     fp32 = Llama(stories_llama.model, stories_llama.tokenizer)
     seq = PROMPT_IDS + out[0]
     with torch.inference_mode():
