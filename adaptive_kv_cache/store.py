@@ -148,8 +148,11 @@ class PackedStore:
     def _set_buffers(self, groups: List[_Group], buf: Dict[str, torch.Tensor]) -> None:
         self.groups, self.buf = groups, buf
         self.version += 1
-        self._blocks = {name: [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in groups]
-                        for name, t in buf.items()}
+        self._blocks = {name: self._block_views(t) for name, t in buf.items()}
+
+    def _block_views(self, t: torch.Tensor) -> List[torch.Tensor]:
+        """Per group, the (n, cap, ...) block of a flat per-slot buffer."""
+        return [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in self.groups]
 
     def _set_padding_limit(self, g: _Group, lengths: List[int]) -> None:
         padding = sum(g.width - lengths[i] for i in g.members)
@@ -369,7 +372,7 @@ class PackedStore:
         self.version += 1
         rows = self.buf["pos"].shape[0]
         t = self.buf[name] = torch.full((rows,) + tuple(row_shape), fill, dtype=dtype, device=self.device)
-        self._blocks[name] = [t[g.base : g.base + g.n * g.cap].view(g.n, g.cap, *t.shape[1:]) for g in self.groups]
+        self._blocks[name] = self._block_views(t)
 
     def drop_field(self, name: str) -> None:
         """Frees a per-slot field nobody needs any more."""

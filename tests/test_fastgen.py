@@ -444,7 +444,7 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir):
 
 @pytest.mark.parametrize("pool", [1, 3])
 def test_frequent_ranks_by_score_then_age_in_any_slot_order(pool):
-    """Frequent's one-sort ranking equals a plain Python ranking (descending score, ties to the older token),
+    """Frequent's ranking equals a plain Python ranking (descending score, ties to the older token),
     with many ties, empty slots, slots in random order, and budgets of 0, inside and beyond the width."""
     from adaptive_kv_cache.policies import Frequent, TokenStats
 
