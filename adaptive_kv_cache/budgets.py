@@ -40,9 +40,48 @@ def rank_desc(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(n_seg, S) bool: the k[i] best valid slots of row i (all valid ones when fewer)."""
+    """The k best valid slots of every row (all valid ones when fewer), ties towards the smaller position.
+
+    Args:
+        scores, pos, valid: (..., S).
+        k: (...,) or (..., 1) long, slots each row keeps.
+
+    Returns:
+        torch.Tensor: (..., S) bool.
+    """
     scores = scores.masked_fill(~valid, float("-inf"))
-    return (rank_desc(scores, pos) < k[:, None]) & valid
+    k = k.reshape(*scores.shape[:-1], 1)
+    keep = _top_k_by_threshold(scores, valid, k)
+    if keep is None:  # empty slots rank after every valid one, even one scoring -inf
+        keep = (rank_desc(scores, pos.masked_fill(~valid, torch.iinfo(pos.dtype).max)) < k) & valid
+    return keep
+
+
+def _top_k_by_threshold(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """`top_k` without sorting, or None where that would not be exact.
+
+    When every row keeps the same n slots, a row's n-th largest score t (a selection, O(S)) decides alone unless
+    a tie straddles it: the slots scoring at least t are the row's best n exactly when there are n of them. A
+    compaction of 4k-slot segments runs this instead of two stable sorts (0.27 vs 1.1 ms). Different n per row,
+    a straddling tie, or a row holding fewer than n valid slots (t = -inf) return None: the full ranking.
+
+    Args:
+        scores: (..., S) with -inf on invalid slots; valid: (..., S); k: (..., 1).
+    """
+    S = scores.shape[-1]
+    lo, hi = torch.aminmax(k)
+    n = int(hi)
+    if n != int(lo) or S == 0:
+        return None
+    if n >= S:
+        return valid.clone()
+    if n <= 0:
+        return torch.zeros_like(valid)
+    t = torch.kthvalue(scores, S - n + 1, dim=-1, keepdim=True).values  # each row's n-th largest
+    best = scores >= t
+    if not bool((best.sum(-1) == n).all()):
+        return None
+    return best  # t > -inf here (n < S slots reach it), so no invalid slot is in it
 
 
 def pyramid_budgets(budgets: List[int], prompt_lens: List[int], layer_id: int, n_layers: int, reserved: int,
@@ -81,11 +120,11 @@ def adakv_keep(scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, bud
     n_seg, S = scores.shape
     scores = scores.masked_fill(~valid, float("-inf"))
     floor = torch.floor(alpha * budget.double()).long()
-    own = (rank_desc(scores, pos) < floor[:, None]) & valid
+    own = top_k(scores, pos, valid, floor)
     rest = (budget - floor).view(-1, n_kv).sum(1)  # per sequence
-    pool = scores.masked_fill(own, float("-inf")).view(-1, n_kv * S)
-    extra = rank_desc(pool, pos.reshape(-1, n_kv * S)) < rest[:, None]
-    return own | (extra.view(n_seg, S) & valid & ~own)
+    left = (valid & ~own).view(-1, n_kv * S)
+    extra = top_k(scores.view(-1, n_kv * S), pos.reshape(-1, n_kv * S), left, rest)
+    return own | extra.view(n_seg, S)
 
 
 def budget_tokens(ratio, tokens, prompt_len: int) -> int:

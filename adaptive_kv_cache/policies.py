@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from adaptive_kv_cache.budgets import top_k
+
 
 @dataclass
 class TokenStats:
@@ -110,20 +112,15 @@ class Frequent:
             raise ValueError(f"pool={self.pool} must be an odd number >= 1")
 
     def keep(self, s: TokenStats) -> torch.Tensor:
-        budget = ceil_ratio(self.r_f, s.n)  # (..., 1)
-        score = s.normalised_score().masked_fill(~s.valid, float("-inf"))
-        # Rank by descending score, ties towards the older token: sort by position first, then stably by score,
-        # so the result does not depend on the order in which a packed cache holds its slots.
-        by_pos = torch.argsort(s.pos, dim=-1, stable=True)
-        ranked = score.gather(-1, by_pos)
-        if self.pool > 1:  # empty slots sort last and score -inf: they lend nothing, and borrow nothing
-            flat = ranked.reshape(-1, 1, ranked.shape[-1])
-            pooled = F.max_pool1d(flat, self.pool, stride=1, padding=self.pool // 2).view_as(ranked)
-            ranked = pooled.masked_fill(~s.valid.gather(-1, by_pos), float("-inf"))
-        order = by_pos.gather(-1, torch.argsort(ranked, dim=-1, descending=True, stable=True))
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                                .expand_as(order))
-        return s.valid & (rank < budget)
+        score = s.normalised_score()
+        if self.pool > 1:  # pooled in position order; empty slots (-inf) lend nothing, and borrow nothing
+            score = score.masked_fill(~s.valid, float("-inf"))
+            by_pos = torch.argsort(s.pos, dim=-1, stable=True)
+            flat = score.gather(-1, by_pos).reshape(-1, 1, score.shape[-1])
+            pooled = F.max_pool1d(flat, self.pool, stride=1, padding=self.pool // 2).view_as(score)
+            score = torch.empty_like(score).scatter_(-1, by_pos, pooled)
+        # descending score, ties towards the older token: the same set whatever order a packed cache holds
+        return top_k(score, s.pos, s.valid, ceil_ratio(self.r_f, s.n))
 
 
 @dataclass(frozen=True)

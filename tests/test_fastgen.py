@@ -442,10 +442,12 @@ def test_cuda_decode_between_evictions_never_synchronises(dist, stories_dir):
     assert_steady_decode_never_synchronises(g, story_tokens(g, 80))
 
 
+@pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize("pool", [1, 3])
-def test_frequent_ranks_by_score_then_age_in_any_slot_order(pool):
+def test_frequent_ranks_by_score_then_age_in_any_slot_order(pool, ties):
     """Frequent's ranking equals a plain Python ranking (descending score, ties to the older token),
-    with many ties, empty slots, slots in random order, and budgets of 0, inside and beyond the width."""
+    with many ties or none (the k-th-score shortcut), empty slots, slots in random order, and budgets of 0,
+    inside and beyond the width."""
     from adaptive_kv_cache.policies import Frequent, TokenStats
 
     g = torch.Generator().manual_seed(3)
@@ -453,7 +455,8 @@ def test_frequent_ranks_by_score_then_age_in_any_slot_order(pool):
     pos = torch.stack([torch.randperm(100, generator=g)[:width] for _ in range(rows)])
     valid = torch.rand(rows, width, generator=g) < 0.8
     pos = pos.masked_fill(~valid, torch.iinfo(torch.int32).max)  # an empty slot's position, as the store has it
-    score = torch.randint(0, 4, (rows, width), generator=g).float() * 0.25  # ties on purpose
+    score = (torch.randint(0, 4, (rows, width), generator=g).float() * 0.25 if ties  # ties on purpose
+             else torch.rand(rows, width, generator=g))
     n = torch.full((rows, 1), 100)
     s = TokenStats(valid=valid, pos=pos, special=torch.zeros_like(valid), punct=torch.zeros_like(valid),
                    score=score * (n - pos).clamp(1, 100), n=n, prompt_len=n)

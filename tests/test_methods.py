@@ -417,6 +417,54 @@ def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, na
 # --- HeadKV ----------------------------------------------------------------------------------------------------------
 
 
+def _plain_top_k(scores, pos, valid, k):
+    """Independent reference: per row, sort the valid slots by (-score, position) in Python, keep the first k."""
+    out = []
+    for i in range(scores.shape[0]):
+        held = [j for j in range(scores.shape[1]) if valid[i, j]]
+        ranked = sorted(held, key=lambda j: (-float(scores[i, j]), int(pos[i, j])))[: int(k[i])]
+        out.append(sorted(ranked))
+    return out
+
+
+@pytest.mark.parametrize("case", ["distinct", "straddling_tie", "tie_inside", "few_valid", "unequal_k", "minus_inf",
+                                  "k_zero", "k_all"])
+def test_top_k_equals_a_plain_ranking_with_and_without_the_threshold_shortcut(monkeypatch, case):
+    """`top_k` (a k-th-value threshold where that is exact, the full ranking otherwise) keeps exactly what a plain
+    Python ranking keeps; the cases pick which path runs, and the test checks that it did."""
+    from adaptive_kv_cache import budgets as B
+
+    g = torch.Generator().manual_seed(7)
+    rows, S = 4, 50
+    pos = torch.stack([torch.randperm(200, generator=g)[:S] for _ in range(rows)])
+    valid = torch.rand(rows, S, generator=g) < 0.9
+    scores = torch.rand(rows, S, generator=g)
+    k = torch.full((rows,), 20)
+    if case == "straddling_tie":  # three slots share the 20th best score: position decides which two stay
+        order = scores.masked_fill(~valid, -1).argsort(-1, descending=True)
+        scores[0, order[0, 18:21]] = float(scores[0, order[0, 18]])
+    elif case == "tie_inside":  # ties above the threshold do not matter
+        order = scores.masked_fill(~valid, -1).argsort(-1, descending=True)
+        scores[:, order[0, :5]] = 0.999
+    elif case == "few_valid":
+        valid[1, 15:] = False
+    elif case == "unequal_k":
+        k[2] = 7
+    elif case == "minus_inf":  # valid slots may score -inf; they are ranked by position like the rest
+        scores[3, :30] = float("-inf")
+    elif case == "k_zero":
+        k[:] = 0
+    elif case == "k_all":
+        k[:] = S + 3
+    shortcut = []
+    real = B._top_k_by_threshold
+    monkeypatch.setattr(B, "_top_k_by_threshold", lambda *a: shortcut.append(real(*a)) or shortcut[-1])
+    keep = B.top_k(scores, pos, valid, k)
+    assert [r.nonzero().flatten().tolist() for r in keep] == _plain_top_k(scores, pos, valid, k)
+    exact = case in ("distinct", "tie_inside", "k_zero", "k_all")
+    assert (shortcut[0] is not None) == exact
+
+
 def test_headkv_budgets_split_the_models_budget_by_score():
     from adaptive_kv_cache.budgets import headkv_budgets
 
