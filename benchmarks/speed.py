@@ -421,7 +421,7 @@ def main(argv=None) -> Dict:
                 gc.collect()
             rows.extend(summarise(name, ctx, meas, llama.model.params.vocab_size))
             save(complete=False)
-        del llama, hf
+        llama = hf = None  # frees this model before the next is built (the makers above close over these names)
         gc.collect()
     bar.close()
     result = save(complete=True)
