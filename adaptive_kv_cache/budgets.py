@@ -118,12 +118,11 @@ def adakv_keep(scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, bud
         holds fewer).
     """
     n_seg, S = scores.shape
-    scores = scores.masked_fill(~valid, float("-inf"))
     floor = torch.floor(alpha * budget.double()).long()
-    own = top_k(scores, pos, valid, floor)
+    own = top_k(scores, pos, valid, floor)  # top_k scores invalid slots -inf itself
     rest = (budget - floor).view(-1, n_kv).sum(1)  # per sequence
     left = (valid & ~own).view(-1, n_kv * S)
-    extra = top_k(scores.view(-1, n_kv * S), pos.reshape(-1, n_kv * S), left, rest)
+    extra = top_k(scores.reshape(-1, n_kv * S), pos.reshape(-1, n_kv * S), left, rest)
     return own | extra.view(n_seg, S)
 
 

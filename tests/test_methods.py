@@ -414,7 +414,7 @@ def test_heatmap_observer_sees_every_layer_with_each_heads_budget(tiny_llama, na
             assert sum(int(n.split()[2]) for n in names) == 40
 
 
-# --- HeadKV ----------------------------------------------------------------------------------------------------------
+# --- top-k -----------------------------------------------------------------------------------------------------------
 
 
 def _plain_top_k(scores, pos, valid, k):
@@ -463,6 +463,9 @@ def test_top_k_equals_a_plain_ranking_with_and_without_the_threshold_shortcut(mo
     assert [r.nonzero().flatten().tolist() for r in keep] == _plain_top_k(scores, pos, valid, k)
     exact = case in ("distinct", "tie_inside", "k_zero", "k_all")
     assert (shortcut[0] is not None) == exact
+
+
+# --- HeadKV ----------------------------------------------------------------------------------------------------------
 
 
 def test_headkv_budgets_split_the_models_budget_by_score():
