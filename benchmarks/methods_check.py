@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import LONG_TEXT, RESULTS_DIR, SMOLLM2_DIR, default_context
+from benchmarks import LONG_TEXT, RESULTS_DIR, SMOLLM2_DIR, default_context, write_text
 from benchmarks.quality import Setting, bos_prefix, quality_batches, teacher_forced, token_stream
 
 #: kvpress 0.5.5 on the same windows (issue 12): kept share -> perplexity ratio. Its TOVA averages a layer's
@@ -98,7 +98,7 @@ def table(out: Path, n: int, names, keeps) -> None:
             print(f"| {name} | {keep:g} | {row['ppl_ratio']:.3f} | {row['ci95'][0]:.3f}-{row['ci95'][1]:.3f} | "
                   f"{row['top1_agreement']:.3f} | {row['kl_mean']:.3f} | {row['mem_ratio']:.3f} | "
                   f"{kv if kv is not None else '-'} | {'-' if kv is None else row['inside']} |")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 
 def main(argv=None):
@@ -120,7 +120,8 @@ def main(argv=None):
         extra = dict(_option(o) for o in args.kv_option)
         for i in todo:
             rows = run_window(llama, batches[i], args.methods, args.keep, extra)
-            (out / f"window_{i}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            # atomic: a window file that exists is whole (the table is made once all six exist)
+            write_text(out / f"window_{i}.json", json.dumps(rows, indent=1) + "\n")
             print(f"window {i}: " + ", ".join(f"{k} {math.exp(r['nll_mean']):.3f} ({r['seconds']:.0f} s)"
                                                for k, r in rows.items()), flush=True)
     if all((out / f"window_{i}.json").is_file() for i in range(N)):
